@@ -1,0 +1,435 @@
+"""The contracts a lock provider or a store must meet, in sync and async form.
+
+Custom backends satisfy these protocols structurally (no base class needed) and can prove it
+with the contract suite in :mod:`idempay.testing`. The guarantees stated here are what the guard
+engine relies on; where a method says *atomic*, a backend must implement it as one indivisible
+step against concurrent callers in other threads, tasks and processes.
+
+Correctness never rests on a :class:`LockProvider`: a lock only cuts duplicate work. Every
+guarantee comes from the stores: one atomic claim per key, fenced completion, compare-and-set
+order updates, unique inbox and outbox rows, and transactions that commit or roll back whole.
+
+Async twins carry the ``Async`` prefix and the same semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from idempay.core.audit import AuditDraft, AuditEntry
+from idempay.core.models import InboxEvent, InboxStatus, NewEffect, OrderRecord, OutboxEntry
+from idempay.core.orders import OrderState
+from idempay.core.records import ClaimResult, IdempotencyRecord, Lease, StoredResponse
+
+__all__ = [
+    "AsyncIdempotencyStore",
+    "AsyncLockProvider",
+    "AsyncOutboxStore",
+    "AsyncPaymentStore",
+    "AsyncPaymentTransaction",
+    "IdempotencyStore",
+    "LockProvider",
+    "OutboxStore",
+    "PaymentStore",
+    "PaymentTransaction",
+]
+
+
+@runtime_checkable
+class LockProvider(Protocol):
+    """Named, expiring, fenced locks.
+
+    A lock is never held without an expiry. ``acquire`` returns ``None`` when the lock is held
+    by someone else after waiting up to ``wait``; it raises :class:`~idempay.errors.LockError`
+    only when the provider itself fails. Each successful acquire gets a ``fence`` greater than
+    every fence handed out before for that name.
+    """
+
+    def acquire(self, name: str, *, ttl: timedelta, wait: timedelta = ...) -> Lease | None:
+        """Take the lock ``name`` for ``ttl``, waiting up to ``wait`` (default: not at all)."""
+        ...
+
+    def release(self, name: str, lease: Lease) -> bool:
+        """Release the lock if ``lease`` still owns it (atomic compare-and-delete).
+
+        Returns False, and changes nothing, when the lease expired or another owner holds it.
+        """
+        ...
+
+    def extend(self, name: str, lease: Lease, *, ttl: timedelta) -> Lease | None:
+        """Push the expiry to now + ``ttl`` if ``lease`` still owns the lock, else return None."""
+        ...
+
+
+@runtime_checkable
+class AsyncLockProvider(Protocol):
+    """Async twin of :class:`LockProvider`."""
+
+    async def acquire(self, name: str, *, ttl: timedelta, wait: timedelta = ...) -> Lease | None:
+        """See :meth:`LockProvider.acquire`."""
+        ...
+
+    async def release(self, name: str, lease: Lease) -> bool:
+        """See :meth:`LockProvider.release`."""
+        ...
+
+    async def extend(self, name: str, lease: Lease, *, ttl: timedelta) -> Lease | None:
+        """See :meth:`LockProvider.extend`."""
+        ...
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Idempotency records keyed by (scope, key), compared byte for byte.
+
+    Times (lease expiry, record expiry) come from the store's own clock, the database's for a
+    database: every process then agrees on when a lease ran out.
+    """
+
+    def claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_for: timedelta,
+        retain_for: timedelta,
+    ) -> ClaimResult:
+        """Atomically claim (scope, key) for one request.
+
+        Returns :class:`~idempay.core.records.Claimed` with a fresh lease when the key is
+        absent or its record has expired (a new record, kept ``retain_for`` after creation), or
+        when a record with the *same* fingerprint is in progress with an expired lease or was
+        released without an outcome (a takeover: ``resumed=True``, fence increased by one,
+        recovery point kept). Returns :class:`~idempay.core.records.Existing` in every other
+        case, in the same round trip. Exactly one of any number of concurrent claims of an
+        absent key wins. Never truncates or normalises ``key``.
+        """
+        ...
+
+    def checkpoint(
+        self,
+        scope: str,
+        key: str,
+        lease: Lease,
+        *,
+        recovery_point: str,
+        resource_id: str | None = None,
+    ) -> None:
+        """Record the last durable step reached, if ``lease`` still owns the record.
+
+        Raises:
+            LeaseLostError: the record was taken over (fence or token differ); nothing written.
+        """
+        ...
+
+    def extend(self, scope: str, key: str, lease: Lease, *, lease_for: timedelta) -> Lease:
+        """Extend the lease to now + ``lease_for``; raises LeaseLostError if it was lost."""
+        ...
+
+    def complete(
+        self,
+        scope: str,
+        key: str,
+        lease: Lease,
+        response: StoredResponse,
+        *,
+        failed: bool = False,
+    ) -> IdempotencyRecord:
+        """Store the response and finish the record (``FAILED`` if ``failed``), fenced.
+
+        Succeeds while ``lease`` is the record's current lease, even past its expiry if nobody
+        took over (the work is still valid). Raises LeaseLostError otherwise.
+        """
+        ...
+
+    def release(self, scope: str, key: str, lease: Lease, *, discard: bool = False) -> None:
+        """Give the record up without an outcome, fenced.
+
+        With ``discard`` the record is deleted (the next request starts afresh); otherwise it
+        becomes ``UNKNOWN`` and the next request with the same fingerprint takes it over at
+        once, from its recovery point. Raises LeaseLostError if the lease was lost.
+        """
+        ...
+
+    def get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        """Return the record, or None if absent or expired."""
+        ...
+
+    def purge_expired(self, *, limit: int = 1000) -> int:
+        """Delete up to ``limit`` expired records; return how many were deleted."""
+        ...
+
+
+@runtime_checkable
+class AsyncIdempotencyStore(Protocol):
+    """Async twin of :class:`IdempotencyStore`."""
+
+    async def claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        lease_for: timedelta,
+        retain_for: timedelta,
+    ) -> ClaimResult:
+        """See :meth:`IdempotencyStore.claim`."""
+        ...
+
+    async def checkpoint(
+        self,
+        scope: str,
+        key: str,
+        lease: Lease,
+        *,
+        recovery_point: str,
+        resource_id: str | None = None,
+    ) -> None:
+        """See :meth:`IdempotencyStore.checkpoint`."""
+        ...
+
+    async def extend(self, scope: str, key: str, lease: Lease, *, lease_for: timedelta) -> Lease:
+        """See :meth:`IdempotencyStore.extend`."""
+        ...
+
+    async def complete(
+        self,
+        scope: str,
+        key: str,
+        lease: Lease,
+        response: StoredResponse,
+        *,
+        failed: bool = False,
+    ) -> IdempotencyRecord:
+        """See :meth:`IdempotencyStore.complete`."""
+        ...
+
+    async def release(self, scope: str, key: str, lease: Lease, *, discard: bool = False) -> None:
+        """See :meth:`IdempotencyStore.release`."""
+        ...
+
+    async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        """See :meth:`IdempotencyStore.get`."""
+        ...
+
+    async def purge_expired(self, *, limit: int = 1000) -> int:
+        """See :meth:`IdempotencyStore.purge_expired`."""
+        ...
+
+
+class PaymentTransaction(Protocol):
+    """Orders, inbox, audit and outbox inside one transaction.
+
+    Everything done through one transaction object commits together when its ``with`` block
+    exits normally, and none of it is visible to others, or kept, if the block raises.
+    """
+
+    def now(self) -> datetime:
+        """The store's current time (the database clock), timezone-aware UTC."""
+        ...
+
+    def insert_order(
+        self, tenant: str, order_id: str, state: OrderState
+    ) -> tuple[OrderRecord, bool]:
+        """Insert the order, or return the existing one; the bool says whether it was inserted.
+
+        Unique by (tenant, order_id): of concurrent inserts exactly one creates the row.
+        """
+        ...
+
+    def get_order(self, tenant: str, order_id: str) -> OrderRecord | None:
+        """Return the order, or None."""
+        ...
+
+    def find_order_by_payment_intent(self, payment_intent_id: str) -> OrderRecord | None:
+        """Return the order whose state records this PaymentIntent, or None."""
+        ...
+
+    def update_order(self, record: OrderRecord, state: OrderState) -> OrderRecord:
+        """Compare-and-set: write ``state`` if the stored version is still ``record.version``.
+
+        Returns the new record (version + 1). Raises ConcurrentUpdateError, writing nothing,
+        if another writer got there first, and ConcurrentUpdateError too if the new state's
+        PaymentIntent id already belongs to another order.
+        """
+        ...
+
+    def insert_event(self, event: InboxEvent) -> tuple[InboxEvent, bool]:
+        """Insert into the inbox unless (account, event_id) exists; return the row and whether
+        this call inserted it. Of concurrent inserts exactly one returns True."""
+        ...
+
+    def get_event(self, account: str, event_id: str) -> InboxEvent | None:
+        """Return the inbox row, or None."""
+        ...
+
+    def set_event_status(
+        self,
+        account: str,
+        event_id: str,
+        status: InboxStatus,
+        *,
+        error: str | None = None,
+        order_id: str | None = None,
+    ) -> InboxEvent:
+        """Set the row's status (counting an attempt) and, when given, its correlated order."""
+        ...
+
+    def orphans_for(
+        self, *, payment_intent_id: str | None, order_id: str | None, limit: int = 100
+    ) -> Sequence[InboxEvent]:
+        """Orphaned events that name this PaymentIntent or order, oldest first."""
+        ...
+
+    def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        """Append to the order's trail: the next ``seq``, chained to the previous entry's hash.
+
+        Two concurrent appends to one trail never get the same ``seq``: one of them fails
+        (ConcurrentUpdateError) and its transaction rolls back.
+        """
+        ...
+
+    def audit_trail(self, tenant: str, order_id: str) -> Sequence[AuditEntry]:
+        """The order's trail in ``seq`` order."""
+        ...
+
+    def enqueue_effect(self, effect: NewEffect) -> bool:
+        """Add an effect to the outbox; False (and no change) if the same one exists already."""
+        ...
+
+
+class AsyncPaymentTransaction(Protocol):
+    """Async twin of :class:`PaymentTransaction`."""
+
+    def now(self) -> datetime:
+        """See :meth:`PaymentTransaction.now`."""
+        ...
+
+    async def insert_order(
+        self, tenant: str, order_id: str, state: OrderState
+    ) -> tuple[OrderRecord, bool]:
+        """See :meth:`PaymentTransaction.insert_order`."""
+        ...
+
+    async def get_order(self, tenant: str, order_id: str) -> OrderRecord | None:
+        """See :meth:`PaymentTransaction.get_order`."""
+        ...
+
+    async def find_order_by_payment_intent(self, payment_intent_id: str) -> OrderRecord | None:
+        """See :meth:`PaymentTransaction.find_order_by_payment_intent`."""
+        ...
+
+    async def update_order(self, record: OrderRecord, state: OrderState) -> OrderRecord:
+        """See :meth:`PaymentTransaction.update_order`."""
+        ...
+
+    async def insert_event(self, event: InboxEvent) -> tuple[InboxEvent, bool]:
+        """See :meth:`PaymentTransaction.insert_event`."""
+        ...
+
+    async def get_event(self, account: str, event_id: str) -> InboxEvent | None:
+        """See :meth:`PaymentTransaction.get_event`."""
+        ...
+
+    async def set_event_status(
+        self,
+        account: str,
+        event_id: str,
+        status: InboxStatus,
+        *,
+        error: str | None = None,
+        order_id: str | None = None,
+    ) -> InboxEvent:
+        """See :meth:`PaymentTransaction.set_event_status`."""
+        ...
+
+    async def orphans_for(
+        self, *, payment_intent_id: str | None, order_id: str | None, limit: int = 100
+    ) -> Sequence[InboxEvent]:
+        """See :meth:`PaymentTransaction.orphans_for`."""
+        ...
+
+    async def append_audit(self, draft: AuditDraft) -> AuditEntry:
+        """See :meth:`PaymentTransaction.append_audit`."""
+        ...
+
+    async def audit_trail(self, tenant: str, order_id: str) -> Sequence[AuditEntry]:
+        """See :meth:`PaymentTransaction.audit_trail`."""
+        ...
+
+    async def enqueue_effect(self, effect: NewEffect) -> bool:
+        """See :meth:`PaymentTransaction.enqueue_effect`."""
+        ...
+
+
+@runtime_checkable
+class PaymentStore(Protocol):
+    """Opens :class:`PaymentTransaction` units of work."""
+
+    def transaction(self) -> AbstractContextManager[PaymentTransaction]:
+        """Begin a transaction; it commits when the block exits normally, else rolls back."""
+        ...
+
+
+@runtime_checkable
+class AsyncPaymentStore(Protocol):
+    """Async twin of :class:`PaymentStore`."""
+
+    def transaction(self) -> AbstractAsyncContextManager[AsyncPaymentTransaction]:
+        """See :meth:`PaymentStore.transaction`."""
+        ...
+
+
+@runtime_checkable
+class OutboxStore(Protocol):
+    """The dispatcher's side of the outbox: each method is atomic on its own."""
+
+    def claim_due_effects(self, *, limit: int, lease_for: timedelta) -> Sequence[OutboxEntry]:
+        """Lease up to ``limit`` pending effects whose ``next_attempt_at`` has come.
+
+        Concurrent dispatchers never receive the same entry while its lease runs; an entry
+        whose dispatcher died comes back once the lease expires (at least once delivery).
+        """
+        ...
+
+    def finish_effect(self, entry: OutboxEntry) -> None:
+        """Mark a leased entry done. Raises LeaseLostError if its lease was taken over."""
+        ...
+
+    def fail_effect(self, entry: OutboxEntry, *, error: str, retry_at: datetime | None) -> None:
+        """Record a failed attempt: retry at ``retry_at``, or dead-letter it when None.
+
+        Raises LeaseLostError if the entry's lease was taken over.
+        """
+        ...
+
+    def effects_for(self, tenant: str, order_id: str) -> Sequence[OutboxEntry]:
+        """All of an order's effects, whatever their status, oldest first."""
+        ...
+
+
+@runtime_checkable
+class AsyncOutboxStore(Protocol):
+    """Async twin of :class:`OutboxStore`."""
+
+    async def claim_due_effects(self, *, limit: int, lease_for: timedelta) -> Sequence[OutboxEntry]:
+        """See :meth:`OutboxStore.claim_due_effects`."""
+        ...
+
+    async def finish_effect(self, entry: OutboxEntry) -> None:
+        """See :meth:`OutboxStore.finish_effect`."""
+        ...
+
+    async def fail_effect(
+        self, entry: OutboxEntry, *, error: str, retry_at: datetime | None
+    ) -> None:
+        """See :meth:`OutboxStore.fail_effect`."""
+        ...
+
+    async def effects_for(self, tenant: str, order_id: str) -> Sequence[OutboxEntry]:
+        """See :meth:`OutboxStore.effects_for`."""
+        ...
