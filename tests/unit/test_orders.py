@@ -45,6 +45,7 @@ P = PaymentPhase
 AMOUNT = 1000
 PI = "pi_1"
 OTHER_PI = "pi_2"
+NOT_A_STRING: Any = 7
 ATTEMPT_PHASES = (P.AWAITING_PAYMENT, P.ACTION_REQUIRED, P.PROCESSING, P.AUTHORIZED, P.FAILED)
 
 PAID_EFFECT = Effect(EffectTrigger.PAID, "paid")
@@ -133,7 +134,7 @@ def test_new_order_refuses_a_bad_currency(currency: Any) -> None:
         (lambda: order(S.NEEDS_REVIEW, review_reason=None), "review_reason"),
         (lambda: PaymentObserved(P.PROCESSING, -1), "observed_at"),
         (lambda: PaymentObserved(P.PROCESSING, 1, ""), "payment_intent_id"),
-        (lambda: PaymentObserved(P.PROCESSING, 1, 7), "payment_intent_id"),
+        (lambda: PaymentObserved(P.PROCESSING, 1, NOT_A_STRING), "payment_intent_id"),
         (lambda: PaymentObserved(P.SUCCEEDED, 1, amount=-5), "amount"),
         (lambda: PaymentObserved(P.SUCCEEDED, 1, currency="USD"), "currency"),
         (lambda: RefundObserved(-1), "amount_refunded"),

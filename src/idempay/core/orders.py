@@ -499,9 +499,8 @@ def apply(state: OrderState, observation: Observation) -> Transition:
     * An effect ``(trigger, discriminator)`` is never produced twice for one order, and a
       success that does not match the order never produces the ``paid`` effect.
 
-    Raises:
-        ConfigurationError: never for valid values; invalid ones are refused when the
-            :class:`OrderState` or the observation is built.
+    Nothing is raised here: invalid values are refused with :class:`ConfigurationError` when the
+    :class:`OrderState` or the observation is built.
     """
     match observation:
         case PaymentObserved():

@@ -1,0 +1,27 @@
+"""The documentation's generated parts match the code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_docs_are_fresh() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_order_status_is_documented() -> None:
+    from idempay.core.orders import OrderStatus
+
+    text = (ROOT / "docs" / "concepts.md").read_text(encoding="utf-8")
+    for status in OrderStatus:
+        assert f"| `{status.value}` |" in text
