@@ -33,9 +33,9 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 test: lint typecheck
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml:.coverage.xml
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml:coverage.xml
 	$(BIN)/python -m coverage report --fail-under=$(CORE_COVERAGE_MIN) \
 		--include='src/idempay/core/*,src/idempay/errors.py' --skip-covered --show-missing
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.xml build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage coverage.xml build dist
