@@ -12,13 +12,14 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Final, TypeVar
 from weakref import WeakKeyDictionary
 
+from idempay._retry import DEFAULT_ATTEMPTS, retry, retry_async
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import GENESIS_HASH, AuditDraft, AuditEntry, seal
 from idempay.core.keys import validate_key
@@ -41,6 +42,7 @@ from idempay.core.records import (
     StoredResponse,
 )
 from idempay.errors import ConcurrentUpdateError, ConfigurationError, LeaseLostError, StoreError
+from idempay.protocols import AsyncPaymentTransaction, PaymentTransaction
 
 __all__ = [
     "AsyncMemoryIdempotencyStore",
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 _NO_WAIT: Final = timedelta(0)
+T = TypeVar("T")
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 
@@ -673,6 +676,15 @@ class MemoryPaymentStore:
                 tx.rollback()
                 raise
 
+    def run_transaction(
+        self, work: Callable[[PaymentTransaction], T], *, attempts: int = DEFAULT_ATTEMPTS
+    ) -> T:
+        def once() -> T:
+            with self.transaction() as tx:
+                return work(tx)
+
+        return retry(once, attempts=attempts)
+
     def claim_due_effects(self, *, limit: int, lease_for: timedelta) -> Sequence[OutboxEntry]:
         with self._lock:
             return self._outbox.claim_due(limit=limit, lease_for=lease_for)
@@ -765,6 +777,18 @@ class AsyncMemoryPaymentStore:
             except BaseException:
                 tx.rollback()
                 raise
+
+    async def run_transaction(
+        self,
+        work: Callable[[AsyncPaymentTransaction], Awaitable[T]],
+        *,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> T:
+        async def once() -> T:
+            async with self.transaction() as tx:
+                return await work(tx)
+
+        return await retry_async(once, attempts=attempts)
 
     async def claim_due_effects(self, *, limit: int, lease_for: timedelta) -> Sequence[OutboxEntry]:
         async with self._lock.hold():

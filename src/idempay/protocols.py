@@ -14,15 +14,17 @@ Async twins carry the ``Async`` prefix and the same semantics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from idempay.core.audit import AuditDraft, AuditEntry
 from idempay.core.models import InboxEvent, InboxStatus, NewEffect, OrderRecord, OutboxEntry
 from idempay.core.orders import OrderState
 from idempay.core.records import ClaimResult, IdempotencyRecord, Lease, StoredResponse
+
+T = TypeVar("T")
 
 __all__ = [
     "AsyncIdempotencyStore",
@@ -371,7 +373,21 @@ class PaymentStore(Protocol):
     """Opens :class:`PaymentTransaction` units of work."""
 
     def transaction(self) -> AbstractContextManager[PaymentTransaction]:
-        """Begin a transaction; it commits when the block exits normally, else rolls back."""
+        """Begin a transaction; it commits when the block exits normally, else rolls back.
+
+        A retriable database failure inside it (deadlock, serialization failure, busy) raises
+        TransientStoreError; the whole transaction has then been rolled back.
+        """
+        ...
+
+    def run_transaction(self, work: Callable[[PaymentTransaction], T], *, attempts: int = 8) -> T:
+        """Run ``work`` in a transaction and return its result, retrying when it may succeed.
+
+        On ConcurrentUpdateError (a compare-and-set lost, a concurrent append) or
+        TransientStoreError the transaction is rolled back and ``work`` runs again in a new
+        one, after a jittered pause, up to ``attempts`` times in all; then the last error is
+        raised. ``work`` must therefore have no effect outside the transaction.
+        """
         ...
 
 
@@ -381,6 +397,12 @@ class AsyncPaymentStore(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[AsyncPaymentTransaction]:
         """See :meth:`PaymentStore.transaction`."""
+        ...
+
+    async def run_transaction(
+        self, work: Callable[[AsyncPaymentTransaction], Awaitable[T]], *, attempts: int = 8
+    ) -> T:
+        """See :meth:`PaymentStore.run_transaction`."""
         ...
 
 

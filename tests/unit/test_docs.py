@@ -1,4 +1,4 @@
-"""The documentation's generated parts match the code."""
+"""Generated files (docs tables, sync twins) match their sources."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def test_every_order_status_is_documented() -> None:
     text = (ROOT / "docs" / "concepts.md").read_text(encoding="utf-8")
     for status in OrderStatus:
         assert f"| `{status.value}` |" in text
+
+
+def test_sync_twins_are_generated_from_their_async_sources() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "unasync.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

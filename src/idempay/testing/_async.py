@@ -1,0 +1,780 @@
+"""Contract suites every backend must pass (async source; the sync twin is generated).
+
+Subclass a suite in a test module and provide its fixtures; every test then runs against your
+backend. The suites need pytest, and anyio's pytest plugin for the async ones.
+
+``make_store(clock)`` / ``make_provider()`` build the backend under test; ``clock`` is a
+:class:`~idempay.clock.FrozenClock` when a test needs to move time, or ``None`` for the backend's
+own clock. ``process_factory`` is a picklable zero-argument callable returning a *sync* store or
+provider on the same backing service, used by the multi-process tests; leave it ``None`` for a
+backend that shares nothing between processes. Tests use fresh random keys and ids, so backends
+may share one database between tests.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from idempay.clock import Clock, FrozenClock
+from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
+from idempay.core.models import InboxEvent, InboxStatus, NewEffect, OutboxStatus
+from idempay.core.orders import DisputeStatus, OrderState, OrderStatus, ReviewReason
+from idempay.core.records import Claimed, Existing, RecordState, StoredResponse
+from idempay.errors import (
+    ConcurrentUpdateError,
+    ConfigurationError,
+    IdempotencyKeyError,
+    LeaseLostError,
+)
+from idempay.protocols import (
+    AsyncIdempotencyStore,
+    AsyncLockProvider,
+    AsyncOutboxStore,
+    AsyncPaymentStore,
+    AsyncPaymentTransaction,
+)
+from idempay.testing._support import (
+    async_concurrently,
+    async_in_processes,
+    claim_in_child,
+    dispatch_in_child,
+    flatten,
+    kill_child_holding_a_transaction,
+    lock_in_child,
+)
+
+__all__ = [
+    "AsyncIdempotencyStoreContract",
+    "AsyncLockProviderContract",
+    "AsyncPaymentStoreContract",
+]
+
+LEASE = timedelta(seconds=30)
+RETAIN = timedelta(hours=24)
+OK = StoredResponse(
+    status=201,
+    body=b'{"order":"o1","bytes":"\\u00e9"}\x00\xff',
+    content_type="application/json; charset=utf-8",
+    headers=(("Location", "/orders/o1"), ("X-Request-Id", "r-1")),
+)
+THREADS = 16
+
+
+def _uid() -> str:
+    return secrets.token_hex(8)
+
+
+class AsyncIdempotencyStoreContract:
+    """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
+
+    pytestmark = pytest.mark.anyio  # unasync: remove
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"
+
+    @pytest.fixture
+    def process_factory(self) -> Callable[[], Any] | None:
+        return None
+
+    @pytest.fixture
+    def clock(self) -> FrozenClock:
+        return FrozenClock()
+
+    @pytest.fixture
+    def store(
+        self, make_store: Callable[[Clock | None], AsyncIdempotencyStore], clock: FrozenClock
+    ) -> AsyncIdempotencyStore:
+        return make_store(clock)
+
+    async def _claim(
+        self, store: AsyncIdempotencyStore, scope: str, key: str, fp: str = "fp"
+    ) -> Claimed | Existing:
+        return await store.claim(scope, key, fp, lease_for=LEASE, retain_for=RETAIN)
+
+    async def test_first_claim_wins_and_the_next_sees_it(
+        self, store: AsyncIdempotencyStore
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        assert not first.resumed
+        assert first.record.state is RecordState.IN_PROGRESS
+        assert first.record.fingerprint == "fp"
+        second = await self._claim(store, scope, "k")
+        assert isinstance(second, Existing)
+        assert second.record.lease is not None
+        assert second.record.lease.token == first.lease.token
+        assert second.record.fence == first.lease.fence
+
+    async def test_concurrent_claims_have_exactly_one_winner(
+        self, store: AsyncIdempotencyStore
+    ) -> None:
+        scope = _uid()
+
+        async def contend(_: int) -> bool:
+            return isinstance(await self._claim(store, scope, "hot"), Claimed)
+
+        assert (await async_concurrently(THREADS, contend)).count(True) == 1
+
+    async def test_claims_from_several_processes_have_exactly_one_winner(
+        self, process_factory: Callable[[], Any] | None
+    ) -> None:
+        if process_factory is None:
+            pytest.skip("this backend shares no state between processes")
+        wins = await async_in_processes(claim_in_child, 4, process_factory, _uid(), "hot")
+        assert wins.count(True) == 1
+
+    async def test_keys_are_byte_exact(self, store: AsyncIdempotencyStore) -> None:
+        scope = _uid()
+        odd = "Key with 'quotes', \"double\", back\\slash, 100% _under_ ~!@#$^&*()[]{}|;:,.<>?/`="
+        for key in ("Key", "key", "KEY", odd, "x" * 255):
+            assert isinstance(await self._claim(store, scope, key), Claimed), key
+            record = await store.get(scope, key)
+            assert record is not None
+            assert (record.scope, record.key) == (scope, key)
+
+    async def test_an_over_long_or_invalid_key_is_refused_not_truncated(
+        self, store: AsyncIdempotencyStore
+    ) -> None:
+        scope = _uid()
+        for bad in ("x" * 256, "a\x00b", "tab\tkey", ""):
+            with pytest.raises(IdempotencyKeyError):
+                await self._claim(store, scope, bad)
+        assert await store.get(scope, "x" * 255) is None
+
+    async def test_scopes_keep_the_same_key_apart(self, store: AsyncIdempotencyStore) -> None:
+        key = _uid()
+        assert isinstance(await self._claim(store, _uid(), key), Claimed)
+        assert isinstance(await self._claim(store, _uid(), key), Claimed)
+
+    async def test_complete_then_every_repeat_sees_the_stored_response(
+        self, store: AsyncIdempotencyStore
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        done = await store.complete(scope, "k", first.lease, OK)
+        assert done.state is RecordState.COMPLETED
+        assert done.response == OK
+        again = await self._claim(store, scope, "k")
+        assert isinstance(again, Existing)
+        assert again.record.response == OK
+        assert again.record.state is RecordState.COMPLETED
+
+    async def test_a_failed_outcome_is_stored_as_failed(self, store: AsyncIdempotencyStore) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        error = StoredResponse(status=402, body=b'{"error":"card_declined"}')
+        done = await store.complete(scope, "k", first.lease, error, failed=True)
+        assert done.state is RecordState.FAILED
+        record = await store.get(scope, "k")
+        assert record is not None
+        assert record.response == error
+
+    async def test_an_expired_lease_is_taken_over_and_the_old_owner_fenced_out(
+        self, store: AsyncIdempotencyStore, clock: FrozenClock
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        await store.checkpoint(
+            scope, "k", first.lease, recovery_point="order_created", resource_id="o-1"
+        )
+        assert isinstance(await self._claim(store, scope, "k"), Existing)
+        clock.advance(LEASE)
+        second = await self._claim(store, scope, "k")
+        assert isinstance(second, Claimed)
+        assert second.resumed
+        assert second.lease.fence == first.lease.fence + 1
+        assert second.record.recovery_point == "order_created"
+        assert second.record.resource_id == "o-1"
+        with pytest.raises(LeaseLostError):
+            await store.complete(scope, "k", first.lease, OK)
+        with pytest.raises(LeaseLostError):
+            await store.checkpoint(scope, "k", first.lease, recovery_point="intent_created")
+        with pytest.raises(LeaseLostError):
+            await store.extend(scope, "k", first.lease, lease_for=LEASE)
+        with pytest.raises(LeaseLostError):
+            await store.release(scope, "k", first.lease)
+        record = await store.get(scope, "k")
+        assert record is not None
+        assert record.recovery_point == "order_created"
+        assert (await store.complete(scope, "k", second.lease, OK)).response == OK
+
+    async def test_takeover_needs_the_same_fingerprint(
+        self, store: AsyncIdempotencyStore, clock: FrozenClock
+    ) -> None:
+        scope = _uid()
+        assert isinstance(await self._claim(store, scope, "k", "a"), Claimed)
+        clock.advance(LEASE * 2)
+        other = await self._claim(store, scope, "k", "b")
+        assert isinstance(other, Existing)
+        assert other.record.fingerprint == "a"
+
+    async def test_complete_after_expiry_succeeds_while_nobody_took_over(
+        self, store: AsyncIdempotencyStore, clock: FrozenClock
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        clock.advance(LEASE * 2)
+        assert (await store.complete(scope, "k", first.lease, OK)).state is RecordState.COMPLETED
+
+    async def test_release_makes_the_record_resumable_and_discard_forgets_it(
+        self, store: AsyncIdempotencyStore
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        await store.checkpoint(scope, "k", first.lease, recovery_point="intent_created")
+        await store.release(scope, "k", first.lease)
+        record = await store.get(scope, "k")
+        assert record is not None
+        assert record.state is RecordState.UNKNOWN
+        resumed = await self._claim(store, scope, "k")
+        assert isinstance(resumed, Claimed)
+        assert resumed.resumed
+        assert resumed.record.recovery_point == "intent_created"
+        assert resumed.lease.fence == first.lease.fence + 1
+        await store.release(scope, "k", resumed.lease, discard=True)
+        assert await store.get(scope, "k") is None
+        fresh = await self._claim(store, scope, "k")
+        assert isinstance(fresh, Claimed)
+        assert not fresh.resumed
+        assert fresh.record.recovery_point is None
+
+    async def test_extend_keeps_the_lease(
+        self, store: AsyncIdempotencyStore, clock: FrozenClock
+    ) -> None:
+        scope = _uid()
+        first = await self._claim(store, scope, "k")
+        assert isinstance(first, Claimed)
+        clock.advance(LEASE / 2)
+        extended = await store.extend(scope, "k", first.lease, lease_for=LEASE)
+        assert extended.token == first.lease.token
+        assert extended.expires_at > first.lease.expires_at
+        clock.advance(LEASE * 0.9)
+        assert isinstance(await self._claim(store, scope, "k"), Existing)
+        await store.complete(scope, "k", extended, OK)
+
+    async def test_records_expire_and_are_purged(
+        self, store: AsyncIdempotencyStore, clock: FrozenClock
+    ) -> None:
+        scope = _uid()
+        for key in ("a", "b", "c"):
+            claimed = await self._claim(store, scope, key)
+            assert isinstance(claimed, Claimed)
+            await store.complete(scope, key, claimed.lease, OK)
+        clock.advance(RETAIN)
+        assert await store.get(scope, "a") is None
+        renewed = await self._claim(store, scope, "a")
+        assert isinstance(renewed, Claimed)
+        assert not renewed.resumed
+        purged = 0
+        while batch := await store.purge_expired(limit=1):
+            purged += batch
+            assert batch == 1
+        assert purged >= 2
+        assert await store.get(scope, "a") is not None
+
+    async def test_durations_must_be_positive(self, store: AsyncIdempotencyStore) -> None:
+        with pytest.raises(ConfigurationError):
+            await store.claim(_uid(), "k", "fp", lease_for=timedelta(0), retain_for=RETAIN)
+
+    async def test_the_backends_own_clock_expires_leases(
+        self, make_store: Callable[[Clock | None], AsyncIdempotencyStore]
+    ) -> None:
+        store = make_store(None)
+        scope = _uid()
+        first = await store.claim(
+            scope, "k", "fp", lease_for=timedelta(milliseconds=1), retain_for=RETAIN
+        )
+        assert isinstance(first, Claimed)
+        assert first.lease.expires_at.tzinfo is not None
+        # The lease is a millisecond long: the owner's clock runs out within a few tries.
+        for _ in range(10_000):
+            again = await store.claim(
+                scope, "k", "fp", lease_for=timedelta(minutes=1), retain_for=RETAIN
+            )
+            if isinstance(again, Claimed):
+                assert again.resumed
+                break
+        else:
+            pytest.fail("the lease never expired on the backend's clock")
+
+
+class AsyncLockProviderContract:
+    """What every lock provider must do; see :class:`idempay.protocols.LockProvider`."""
+
+    pytestmark = pytest.mark.anyio  # unasync: remove
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"
+
+    @pytest.fixture
+    def process_factory(self) -> Callable[[], Any] | None:
+        return None
+
+    @pytest.fixture
+    def locks(self, make_provider: Callable[[], AsyncLockProvider]) -> AsyncLockProvider:
+        return make_provider()
+
+    async def test_a_lock_is_exclusive_and_fenced(self, locks: AsyncLockProvider) -> None:
+        name = f"order:{_uid()}"
+        first = await locks.acquire(name, ttl=LEASE)
+        assert first is not None
+        assert await locks.acquire(name, ttl=LEASE) is None
+        assert await locks.acquire(f"{name}:other", ttl=LEASE) is not None
+        assert await locks.release(name, first)
+        second = await locks.acquire(name, ttl=LEASE)
+        assert second is not None
+        assert second.fence > first.fence
+        assert second.token != first.token
+        assert await locks.release(name, second)
+
+    async def test_only_the_owner_releases_or_extends(self, locks: AsyncLockProvider) -> None:
+        name = f"order:{_uid()}"
+        held = await locks.acquire(name, ttl=LEASE)
+        assert held is not None
+        impostor = type(held)(token="not-the-owner", fence=held.fence, expires_at=held.expires_at)
+        assert await locks.release(name, impostor) is False
+        assert await locks.extend(name, impostor, ttl=LEASE) is None
+        assert await locks.acquire(name, ttl=LEASE) is None
+        assert await locks.release(name, held)
+        assert await locks.release(name, held) is False
+
+    async def test_an_expired_lock_goes_to_the_next_and_its_late_release_is_refused(
+        self, locks: AsyncLockProvider
+    ) -> None:
+        name = f"order:{_uid()}"
+        short = await locks.acquire(name, ttl=timedelta(milliseconds=50))
+        assert short is not None
+        successor = await locks.acquire(name, ttl=LEASE, wait=timedelta(seconds=10))
+        assert successor is not None
+        assert successor.fence > short.fence
+        assert await locks.release(name, short) is False
+        assert await locks.extend(name, short, ttl=LEASE) is None
+        assert await locks.release(name, successor)
+
+    async def test_extend_keeps_the_lock(self, locks: AsyncLockProvider) -> None:
+        name = f"order:{_uid()}"
+        held = await locks.acquire(name, ttl=timedelta(milliseconds=300))
+        assert held is not None
+        extended = await locks.extend(name, held, ttl=timedelta(seconds=30))
+        assert extended is not None
+        assert extended.expires_at > held.expires_at
+        assert await locks.acquire(name, ttl=LEASE, wait=timedelta(milliseconds=600)) is None
+        assert await locks.release(name, extended)
+
+    async def test_concurrent_acquires_have_exactly_one_holder(
+        self, locks: AsyncLockProvider
+    ) -> None:
+        name = f"hot:{_uid()}"
+
+        async def contend(_: int) -> bool:
+            return await locks.acquire(name, ttl=timedelta(minutes=5)) is not None
+
+        assert (await async_concurrently(THREADS, contend)).count(True) == 1
+
+    async def test_acquires_from_several_processes_have_exactly_one_holder(
+        self, process_factory: Callable[[], Any] | None
+    ) -> None:
+        if process_factory is None:
+            pytest.skip("this provider shares no state between processes")
+        got = await async_in_processes(lock_in_child, 4, process_factory, f"hot:{_uid()}")
+        assert got.count(True) == 1
+
+    async def test_ttl_must_be_positive(self, locks: AsyncLockProvider) -> None:
+        with pytest.raises(ConfigurationError):
+            await locks.acquire(_uid(), ttl=timedelta(0))
+
+
+def _state(status: OrderStatus = OrderStatus.CREATED, intent: str | None = None) -> OrderState:
+    return OrderState(status=status, amount=1999, currency="eur", payment_intent_id=intent)
+
+
+def _event(event_id: str, tx_now: Any, **fields: Any) -> InboxEvent:
+    base: dict[str, Any] = {
+        "account": "",
+        "event_id": event_id,
+        "type": "payment_intent.succeeded",
+        "created": 1_767_225_600,
+        "payload": b'{"id":"' + event_id.encode() + b'"}\x00\xff',
+        "received_at": tx_now,
+    }
+    return InboxEvent(**(base | fields))
+
+
+class AsyncPaymentStoreContract:
+    """What every payment store must do; see :class:`idempay.protocols.PaymentStore`."""
+
+    pytestmark = pytest.mark.anyio  # unasync: remove
+
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"
+
+    @pytest.fixture
+    def process_factory(self) -> Callable[[], Any] | None:
+        return None
+
+    @pytest.fixture
+    def clock(self) -> FrozenClock:
+        return FrozenClock()
+
+    @pytest.fixture
+    def store(
+        self, make_store: Callable[[Clock | None], Any], clock: FrozenClock
+    ) -> AsyncPaymentStore:
+        store: AsyncPaymentStore = make_store(clock)
+        return store
+
+    @pytest.fixture
+    def outbox(self, store: Any) -> AsyncOutboxStore:
+        return store  # type: ignore[no-any-return]
+
+    async def test_insert_order_is_insert_or_fetch(self, store: AsyncPaymentStore) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            created, inserted = await tx.insert_order(tenant, "o1", _state())
+            assert inserted
+            assert created.version == 1
+            assert created.state == _state()
+            again, inserted_again = await tx.insert_order(tenant, "o1", _state(OrderStatus.PAID))
+            assert not inserted_again
+            assert again == created
+        async with store.transaction() as tx:
+            assert await tx.get_order(tenant, "o1") == created
+            assert await tx.get_order(_uid(), "o1") is None
+            assert await tx.get_order(tenant, "O1") is None
+
+    async def test_every_state_field_round_trips(self, store: AsyncPaymentStore) -> None:
+        tenant = _uid()
+        full = OrderState(
+            status=OrderStatus.NEEDS_REVIEW,
+            amount=123_456_789_012,
+            currency="jpy",
+            payment_intent_id=f"pi_{_uid()}",
+            amount_refunded=5,
+            dispute=DisputeStatus.OPEN,
+            review_reason=ReviewReason.AMOUNT_MISMATCH,
+            observed_at=1_767_225_600,
+            failures=3,
+        )
+        async with store.transaction() as tx:
+            await tx.insert_order(tenant, "o1", full)
+        async with store.transaction() as tx:
+            got = await tx.get_order(tenant, "o1")
+            assert got is not None
+            assert got.state == full
+            assert got.created_at.tzinfo is not None
+
+    async def test_a_raising_transaction_leaves_nothing(
+        self, store: AsyncPaymentStore, outbox: AsyncOutboxStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        async with store.transaction() as tx:
+            base, _ = await tx.insert_order(tenant, "o0", _state())
+
+        class BoomError(Exception):
+            pass
+
+        with pytest.raises(BoomError):
+            async with store.transaction() as tx:
+                await tx.insert_order(tenant, "o1", _state(intent=f"{intent}x"))
+                await tx.update_order(base, _state(OrderStatus.AWAITING_PAYMENT, intent))
+                await tx.insert_event(_event(f"evt_{tenant}", tx.now()))
+                await tx.append_audit(
+                    AuditDraft(tenant, "o1", AuditStep.STARTED, AuditSource.CHECKOUT, tx.now())
+                )
+                await tx.enqueue_effect(NewEffect(tenant, "o1", "receipt", "paid"))
+                raise BoomError
+        async with store.transaction() as tx:
+            assert await tx.get_order(tenant, "o1") is None
+            assert await tx.get_order(tenant, "o0") == base
+            assert await tx.find_order_by_payment_intent(intent) is None
+            assert await tx.get_event("", f"evt_{tenant}") is None
+            assert list(await tx.audit_trail(tenant, "o1")) == []
+        assert list(await outbox.effects_for(tenant, "o1")) == []
+
+    async def test_a_killed_process_leaves_no_trace(
+        self, store: AsyncPaymentStore, process_factory: Callable[[], Any] | None
+    ) -> None:
+        if process_factory is None:
+            pytest.skip("this backend shares no state between processes")
+        tenant = _uid()
+        kill_child_holding_a_transaction(process_factory, tenant, "o1")
+        async with store.transaction() as tx:
+            assert await tx.get_order(tenant, "o1") is None
+            # ...and nothing it held blocks a new writer.
+            _, inserted = await tx.insert_order(tenant, "o1", _state())
+            assert inserted
+
+    async def test_update_is_compare_and_set(self, store: AsyncPaymentStore) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        async with store.transaction() as tx:
+            v1, _ = await tx.insert_order(tenant, "o1", _state())
+            v2 = await tx.update_order(v1, _state(OrderStatus.AWAITING_PAYMENT, intent))
+            assert v2.version == 2
+            assert v2.state.payment_intent_id == intent
+            with pytest.raises(ConcurrentUpdateError):
+                await tx.update_order(v1, _state(OrderStatus.CANCELED))
+        async with store.transaction() as tx:
+            found = await tx.find_order_by_payment_intent(intent)
+            assert found is not None
+            assert (found.order_id, found.version) == ("o1", 2)
+
+    async def test_one_payment_intent_belongs_to_one_order(self, store: AsyncPaymentStore) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        async with store.transaction() as tx:
+            await tx.insert_order(tenant, "a", _state(intent=intent))
+            b, _ = await tx.insert_order(tenant, "b", _state())
+        with pytest.raises(ConcurrentUpdateError):
+            async with store.transaction() as tx:
+                await tx.update_order(b, _state(OrderStatus.AWAITING_PAYMENT, intent))
+        with pytest.raises(ConcurrentUpdateError):
+            async with store.transaction() as tx:
+                await tx.insert_order(tenant, "c", _state(intent=intent))
+        async with store.transaction() as tx:
+            owner = await tx.find_order_by_payment_intent(intent)
+            assert owner is not None
+            assert owner.order_id == "a"
+
+    async def test_concurrent_compare_and_set_has_one_winner(
+        self, store: AsyncPaymentStore
+    ) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            base, _ = await tx.insert_order(tenant, "o1", _state())
+
+        async def contend(i: int) -> bool:
+            try:
+                async with store.transaction() as tx:
+                    await tx.update_order(
+                        base, _state(OrderStatus.AWAITING_PAYMENT, f"pi_{tenant}_{i}")
+                    )
+            except ConcurrentUpdateError:
+                return False
+            return True
+
+        assert (await async_concurrently(THREADS, contend)).count(True) == 1
+        async with store.transaction() as tx:
+            final = await tx.get_order(tenant, "o1")
+            assert final is not None
+            assert final.version == 2
+
+    async def test_conflicting_transitions_are_retried_until_each_applies(
+        self, store: AsyncPaymentStore
+    ) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            await tx.insert_order(tenant, "o1", _state())
+
+        async def bump(tx: AsyncPaymentTransaction) -> int:
+            current = await tx.get_order(tenant, "o1")
+            assert current is not None
+            failures = current.state.failures + 1
+            updated = await tx.update_order(
+                current,
+                OrderState(OrderStatus.CREATED, 1999, "eur", failures=failures),
+            )
+            return updated.version
+
+        async def contend(_: int) -> int:
+            return await store.run_transaction(bump, attempts=200)
+
+        versions = await async_concurrently(THREADS, contend)
+        assert sorted(versions) == list(range(2, THREADS + 2))
+        async with store.transaction() as tx:
+            final = await tx.get_order(tenant, "o1")
+            assert final is not None
+            assert final.state.failures == THREADS
+
+    async def test_inbox_insert_is_deduplicated_even_concurrently(
+        self, store: AsyncPaymentStore
+    ) -> None:
+        event_id = f"evt_{_uid()}"
+
+        async def deliver(_i: int) -> bool:
+            async with store.transaction() as tx:
+                _, inserted = await tx.insert_event(_event(event_id, tx.now()))
+                return inserted
+
+        assert (await async_concurrently(THREADS, deliver)).count(True) == 1
+        async with store.transaction() as tx:
+            stored = await tx.get_event("", event_id)
+            assert stored is not None
+            assert stored.payload == _event(event_id, tx.now()).payload
+            assert stored.status is InboxStatus.RECEIVED
+            _, other_account = await tx.insert_event(
+                _event(event_id, tx.now(), account=f"acct_{_uid()}")
+            )
+            assert other_account
+
+    async def test_inbox_status_and_orphans(self, store: AsyncPaymentStore) -> None:
+        tag, intent = _uid(), f"pi_{_uid()}"
+        async with store.transaction() as tx:
+            await tx.insert_event(
+                _event(f"evt_b{tag}", tx.now(), payment_intent_id=intent, created=20)
+            )
+            await tx.insert_event(_event(f"evt_a{tag}", tx.now(), order_id=f"o{tag}", created=10))
+            await tx.insert_event(_event(f"evt_c{tag}", tx.now(), payment_intent_id=intent))
+            for event_id in (f"evt_a{tag}", f"evt_b{tag}"):
+                orphan = await tx.set_event_status("", event_id, InboxStatus.ORPHAN)
+                assert orphan.attempts == 1
+                assert orphan.processed_at is None
+        async with store.transaction() as tx:
+            found = await tx.orphans_for(payment_intent_id=intent, order_id=f"o{tag}")
+            assert [e.event_id for e in found] == [f"evt_a{tag}", f"evt_b{tag}"]
+            assert len(await tx.orphans_for(payment_intent_id=intent, order_id=None)) == 1
+            done = await tx.set_event_status(
+                "", f"evt_b{tag}", InboxStatus.PROCESSED, order_id=f"o{tag}", error=None
+            )
+            assert done.status is InboxStatus.PROCESSED
+            assert done.order_id == f"o{tag}"
+            assert done.attempts == 2
+            assert done.processed_at is not None
+            failed = await tx.set_event_status(
+                "", f"evt_c{tag}", InboxStatus.FAILED, error="boom: order locked"
+            )
+            assert failed.error == "boom: order locked"
+
+    async def test_audit_trails_are_chained_and_sequenced(self, store: AsyncPaymentStore) -> None:
+        tenant = _uid()
+        steps = (AuditStep.STARTED, AuditStep.PENDING, AuditStep.SUCCEEDED)
+        async with store.transaction() as tx:
+            for step in steps:
+                await tx.append_audit(
+                    AuditDraft(
+                        tenant,
+                        "o1",
+                        step,
+                        AuditSource.WEBHOOK,
+                        tx.now(),
+                        from_status="created",
+                        to_status="paid",
+                        event_id="evt_1",
+                        key_digest="ab" * 32,
+                        details={"reason": "test", "note": "é"},
+                    )
+                )
+        async with store.transaction() as tx:
+            trail = list(await tx.audit_trail(tenant, "o1"))
+        assert [e.step for e in trail] == list(steps)
+        assert [e.seq for e in trail] == [1, 2, 3]
+        assert verify_trail(trail).ok
+        assert trail[0].details == (("note", "é"), ("reason", "test"))
+
+    async def test_concurrent_appends_keep_one_chain(self, store: AsyncPaymentStore) -> None:
+        tenant = _uid()
+
+        async def append(tx: AsyncPaymentTransaction) -> None:
+            await tx.append_audit(
+                AuditDraft(tenant, "o1", AuditStep.DUPLICATE, AuditSource.WEBHOOK, tx.now())
+            )
+
+        async def contend(_: int) -> None:
+            await store.run_transaction(append, attempts=200)
+
+        await async_concurrently(THREADS, contend)
+        async with store.transaction() as tx:
+            trail = list(await tx.audit_trail(tenant, "o1"))
+        assert [e.seq for e in trail] == list(range(1, THREADS + 1))
+        assert verify_trail(trail).ok
+
+    async def test_outbox_effects_are_unique_and_leased(
+        self, store: AsyncPaymentStore, outbox: AsyncOutboxStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            assert await tx.enqueue_effect(
+                NewEffect(tenant, "o1", "receipt", "paid", '{"amount":1999}')
+            )
+            assert not await tx.enqueue_effect(NewEffect(tenant, "o1", "receipt", "paid"))
+            assert await tx.enqueue_effect(NewEffect(tenant, "o1", "fulfil", "paid"))
+        mine = [
+            e
+            for e in await outbox.claim_due_effects(limit=1000, lease_for=LEASE)
+            if e.tenant == tenant
+        ]
+        assert sorted(e.effect for e in mine) == ["fulfil", "receipt"]
+        assert all(e.attempts == 1 and e.lease is not None for e in mine)
+        receipt = next(e for e in mine if e.effect == "receipt")
+        assert receipt.payload == '{"amount":1999}'
+        assert receipt.dedup_key == NewEffect(tenant, "o1", "receipt", "paid").dedup_key
+        again = await outbox.claim_due_effects(limit=1000, lease_for=LEASE)
+        assert not [e for e in again if e.tenant == tenant]
+        await outbox.finish_effect(receipt)
+        fulfil = next(e for e in mine if e.effect == "fulfil")
+        await outbox.fail_effect(fulfil, error="timeout", retry_at=clock.now() + LEASE)
+        clock.advance(LEASE)
+        retry = [
+            e
+            for e in await outbox.claim_due_effects(limit=1000, lease_for=LEASE)
+            if e.tenant == tenant
+        ]
+        assert [(e.effect, e.attempts, e.last_error) for e in retry] == [("fulfil", 2, "timeout")]
+        await outbox.fail_effect(retry[0], error="still failing", retry_at=None)
+        statuses = {e.effect: e.status for e in await outbox.effects_for(tenant, "o1")}
+        assert statuses == {"receipt": OutboxStatus.DONE, "fulfil": OutboxStatus.DEAD}
+
+    async def test_a_dead_dispatchers_effect_returns_and_its_late_finish_is_refused(
+        self, store: AsyncPaymentStore, outbox: AsyncOutboxStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            await tx.enqueue_effect(NewEffect(tenant, "o1", "receipt", "paid"))
+
+        async def mine() -> list[Any]:
+            batch = await outbox.claim_due_effects(limit=1000, lease_for=LEASE)
+            return [e for e in batch if e.tenant == tenant]
+
+        (stale,) = await mine()
+        clock.advance(LEASE)
+        (fresh,) = await mine()
+        assert fresh.lease is not None
+        assert stale.lease is not None
+        assert fresh.lease.fence > stale.lease.fence
+        with pytest.raises(LeaseLostError):
+            await outbox.finish_effect(stale)
+        with pytest.raises(LeaseLostError):
+            await outbox.fail_effect(stale, error="late", retry_at=None)
+        await outbox.finish_effect(fresh)
+
+    async def test_concurrent_dispatchers_never_share_an_entry(
+        self, store: AsyncPaymentStore, outbox: AsyncOutboxStore
+    ) -> None:
+        tenant = _uid()
+        async with store.transaction() as tx:
+            for i in range(40):
+                await tx.enqueue_effect(NewEffect(tenant, f"o{i}", "receipt", "paid"))
+
+        async def dispatch(_: int) -> list[str]:
+            batch = await outbox.claim_due_effects(limit=10, lease_for=LEASE)
+            return [e.order_id for e in batch if e.tenant == tenant]
+
+        handed_out = flatten(await async_concurrently(8, dispatch))
+        assert len(handed_out) == len(set(handed_out))
+        leftovers = await dispatch(0)
+        assert sorted(handed_out + leftovers) == sorted(f"o{i}" for i in range(40))
+
+    async def test_dispatchers_in_several_processes_never_share_an_entry(
+        self, store: AsyncPaymentStore, process_factory: Callable[[], Any] | None
+    ) -> None:
+        if process_factory is None:
+            pytest.skip("this backend shares no state between processes")
+        tenant = _uid()
+        async with store.transaction() as tx:
+            for i in range(20):
+                await tx.enqueue_effect(NewEffect(tenant, f"o{i}", "receipt", "paid"))
+        batches = await async_in_processes(dispatch_in_child, 4, process_factory, 1000)
+        mine = [order for t, order in flatten(batches) if t == tenant]
+        assert sorted(mine) == sorted(f"o{i}" for i in range(20))
