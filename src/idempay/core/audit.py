@@ -152,31 +152,20 @@ def _entry_hash(draft_fields: Mapping[str, object], prev_hash: str) -> str:
 
 
 def _fields(
-    *,
-    tenant: str,
-    order_id: str,
-    seq: int,
-    step: AuditStep,
-    source: AuditSource,
-    at: datetime,
-    from_status: str | None,
-    to_status: str | None,
-    event_id: str | None,
-    key_digest: str | None,
-    details: tuple[tuple[str, str], ...],
+    entry: AuditDraft | AuditEntry, *, seq: int, details: tuple[tuple[str, str], ...]
 ) -> dict[str, object]:
     return {
-        "tenant": tenant,
-        "order_id": order_id,
+        "tenant": entry.tenant,
+        "order_id": entry.order_id,
         "seq": seq,
-        "step": step.value,
-        "source": source.value,
+        "step": entry.step.value,
+        "source": entry.source.value,
         # Microseconds in UTC: what every backend can store and give back unchanged.
-        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
-        "from_status": from_status,
-        "to_status": to_status,
-        "event_id": event_id,
-        "key_digest": key_digest,
+        "at": entry.at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "from_status": entry.from_status,
+        "to_status": entry.to_status,
+        "event_id": entry.event_id,
+        "key_digest": entry.key_digest,
         "details": [list(pair) for pair in details],
     }
 
@@ -186,19 +175,7 @@ def seal(draft: AuditDraft, *, seq: int, prev_hash: str) -> AuditEntry:
     if seq < 1:
         raise ConfigurationError("audit sequence numbers start at 1")
     details = tuple(sorted((str(k), str(v)) for k, v in draft.details.items()))
-    fields = _fields(
-        tenant=draft.tenant,
-        order_id=draft.order_id,
-        seq=seq,
-        step=draft.step,
-        source=draft.source,
-        at=draft.at,
-        from_status=draft.from_status,
-        to_status=draft.to_status,
-        event_id=draft.event_id,
-        key_digest=draft.key_digest,
-        details=details,
-    )
+    fields = _fields(draft, seq=seq, details=details)
     return AuditEntry(
         tenant=draft.tenant,
         order_id=draft.order_id,
@@ -253,19 +230,7 @@ def _entry_problem(
         return "sequence gap"
     if entry.prev_hash != prev_hash:
         return "chain broken"
-    fields = _fields(
-        tenant=entry.tenant,
-        order_id=entry.order_id,
-        seq=entry.seq,
-        step=entry.step,
-        source=entry.source,
-        at=entry.at,
-        from_status=entry.from_status,
-        to_status=entry.to_status,
-        event_id=entry.event_id,
-        key_digest=entry.key_digest,
-        details=entry.details,
-    )
+    fields = _fields(entry, seq=entry.seq, details=entry.details)
     if _entry_hash(fields, prev_hash) != entry.hash:
         return "entry altered"
     return None

@@ -69,8 +69,8 @@ def _uid() -> str:
     return secrets.token_hex(8)
 
 
-class AsyncIdempotencyStoreContract:
-    """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
+class _AsyncFixtures:
+    """Fixtures every suite shares; a backend overrides ``process_factory`` to share state."""
 
     pytestmark = pytest.mark.anyio  # unasync: remove
 
@@ -85,6 +85,10 @@ class AsyncIdempotencyStoreContract:
     @pytest.fixture
     def clock(self) -> FrozenClock:
         return FrozenClock()
+
+
+class AsyncIdempotencyStoreContract(_AsyncFixtures):
+    """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
 
     @pytest.fixture
     def store(
@@ -310,18 +314,8 @@ class AsyncIdempotencyStoreContract:
             pytest.fail("the lease never expired on the backend's clock")
 
 
-class AsyncLockProviderContract:
+class AsyncLockProviderContract(_AsyncFixtures):
     """What every lock provider must do; see :class:`idempay.protocols.LockProvider`."""
-
-    pytestmark = pytest.mark.anyio  # unasync: remove
-
-    @pytest.fixture
-    def anyio_backend(self) -> str:
-        return "asyncio"
-
-    @pytest.fixture
-    def process_factory(self) -> Callable[[], Any] | None:
-        return None
 
     @pytest.fixture
     def locks(self, make_provider: Callable[[], AsyncLockProvider]) -> AsyncLockProvider:
@@ -413,22 +407,8 @@ def _event(event_id: str, tx_now: Any, **fields: Any) -> InboxEvent:
     return InboxEvent(**(base | fields))
 
 
-class AsyncPaymentStoreContract:
+class AsyncPaymentStoreContract(_AsyncFixtures):
     """What every payment store must do; see :class:`idempay.protocols.PaymentStore`."""
-
-    pytestmark = pytest.mark.anyio  # unasync: remove
-
-    @pytest.fixture
-    def anyio_backend(self) -> str:
-        return "asyncio"
-
-    @pytest.fixture
-    def process_factory(self) -> Callable[[], Any] | None:
-        return None
-
-    @pytest.fixture
-    def clock(self) -> FrozenClock:
-        return FrozenClock()
 
     @pytest.fixture
     def store(

@@ -70,8 +70,8 @@ def _uid() -> str:
     return secrets.token_hex(8)
 
 
-class IdempotencyStoreContract:
-    """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
+class _AsyncFixtures:
+    """Fixtures every suite shares; a backend overrides ``process_factory`` to share state."""
 
 
     @pytest.fixture
@@ -85,6 +85,11 @@ class IdempotencyStoreContract:
     @pytest.fixture
     def clock(self) -> FrozenClock:
         return FrozenClock()
+
+
+class IdempotencyStoreContract(_AsyncFixtures):
+    """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
+
 
     @pytest.fixture
     def store(
@@ -167,9 +172,7 @@ class IdempotencyStoreContract:
         assert again.record.response == OK
         assert again.record.state is RecordState.COMPLETED
 
-    def test_a_failed_outcome_is_stored_as_failed(
-        self, store: IdempotencyStore
-    ) -> None:
+    def test_a_failed_outcome_is_stored_as_failed(self, store: IdempotencyStore) -> None:
         scope = _uid()
         first = self._claim(store, scope, "k")
         assert isinstance(first, Claimed)
@@ -312,17 +315,9 @@ class IdempotencyStoreContract:
             pytest.fail("the lease never expired on the backend's clock")
 
 
-class LockProviderContract:
+class LockProviderContract(_AsyncFixtures):
     """What every lock provider must do; see :class:`idempay.protocols.LockProvider`."""
 
-
-    @pytest.fixture
-    def anyio_backend(self) -> str:
-        return "asyncio"
-
-    @pytest.fixture
-    def process_factory(self) -> Callable[[], Any] | None:
-        return None
 
     @pytest.fixture
     def locks(self, make_provider: Callable[[], LockProvider]) -> LockProvider:
@@ -414,21 +409,9 @@ def _event(event_id: str, tx_now: Any, **fields: Any) -> InboxEvent:
     return InboxEvent(**(base | fields))
 
 
-class PaymentStoreContract:
+class PaymentStoreContract(_AsyncFixtures):
     """What every payment store must do; see :class:`idempay.protocols.PaymentStore`."""
 
-
-    @pytest.fixture
-    def anyio_backend(self) -> str:
-        return "asyncio"
-
-    @pytest.fixture
-    def process_factory(self) -> Callable[[], Any] | None:
-        return None
-
-    @pytest.fixture
-    def clock(self) -> FrozenClock:
-        return FrozenClock()
 
     @pytest.fixture
     def store(
@@ -448,9 +431,7 @@ class PaymentStoreContract:
             assert inserted
             assert created.version == 1
             assert created.state == _state()
-            again, inserted_again = tx.insert_order(
-                tenant, "o1", _state(OrderStatus.PAID)
-            )
+            again, inserted_again = tx.insert_order(tenant, "o1", _state(OrderStatus.PAID))
             assert not inserted_again
             assert again == created
         with store.transaction() as tx:
@@ -534,9 +515,7 @@ class PaymentStoreContract:
             assert found is not None
             assert (found.order_id, found.version) == ("o1", 2)
 
-    def test_one_payment_intent_belongs_to_one_order(
-        self, store: PaymentStore
-    ) -> None:
+    def test_one_payment_intent_belongs_to_one_order(self, store: PaymentStore) -> None:
         tenant, intent = _uid(), f"pi_{_uid()}"
         with store.transaction() as tx:
             tx.insert_order(tenant, "a", _state(intent=intent))
@@ -629,9 +608,7 @@ class PaymentStoreContract:
             tx.insert_event(
                 _event(f"evt_b{tag}", tx.now(), payment_intent_id=intent, created=20)
             )
-            tx.insert_event(
-                _event(f"evt_a{tag}", tx.now(), order_id=f"o{tag}", created=10)
-            )
+            tx.insert_event(_event(f"evt_a{tag}", tx.now(), order_id=f"o{tag}", created=10))
             tx.insert_event(_event(f"evt_c{tag}", tx.now(), payment_intent_id=intent))
             for event_id in (f"evt_a{tag}", f"evt_b{tag}"):
                 orphan = tx.set_event_status("", event_id, InboxStatus.ORPHAN)
@@ -653,9 +630,7 @@ class PaymentStoreContract:
             )
             assert failed.error == "boom: order locked"
 
-    def test_audit_trails_are_chained_and_sequenced(
-        self, store: PaymentStore
-    ) -> None:
+    def test_audit_trails_are_chained_and_sequenced(self, store: PaymentStore) -> None:
         tenant = _uid()
         steps = (AuditStep.STARTED, AuditStep.PENDING, AuditStep.SUCCEEDED)
         with store.transaction() as tx:
@@ -729,9 +704,7 @@ class PaymentStoreContract:
             for e in outbox.claim_due_effects(limit=1000, lease_for=LEASE)
             if e.tenant == tenant
         ]
-        assert [(e.effect, e.attempts, e.last_error) for e in retry] == [
-            ("fulfil", 2, "timeout")
-        ]
+        assert [(e.effect, e.attempts, e.last_error) for e in retry] == [("fulfil", 2, "timeout")]
         outbox.fail_effect(retry[0], error="still failing", retry_at=None)
         statuses = {e.effect: e.status for e in outbox.effects_for(tenant, "o1")}
         assert statuses == {"receipt": OutboxStatus.DONE, "fulfil": OutboxStatus.DEAD}
