@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 CORE_COVERAGE_MIN := 95
 
-.PHONY: demo test lint typecheck unit venv clean
+.PHONY: demo test lint typecheck unit bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -36,6 +36,11 @@ test: lint typecheck
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml:coverage.xml
 	$(BIN)/python -m coverage report --fail-under=$(CORE_COVERAGE_MIN) \
 		--include='src/idempay/core/*,src/idempay/errors.py' --skip-covered --show-missing
+
+# Not part of `make test`: speed is measured here, as ratios against same-run baselines.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/stores.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage coverage.xml build dist

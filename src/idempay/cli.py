@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 1 if report.violations else 0
 
 
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from idempay.backends.sql import upgrade
+
+    url = args.url or os.environ.get("IDEMPAY_DATABASE_URL")
+    if not url:
+        sys.stderr.write("idempay db upgrade: give --url or set IDEMPAY_DATABASE_URL\n")
+        return 2
+    upgrade(url, revision=args.revision)
+    sys.stdout.write(f"idempay db upgrade: schema at {args.revision}\n")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idempay",
@@ -58,6 +71,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive, default=4, help="threads (default 4)")
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
     demo.set_defaults(run=_demo)
+
+    db = commands.add_parser("db", help="manage idempay's tables in your database")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser(
+        "upgrade",
+        help="create or migrate idempay's tables (idempotent)",
+        description="Apply idempay's migrations to the database. Safe to run at every start: "
+        "an up-to-date schema is left as it is. idempay keeps its migration history in its own "
+        "table (idempay_alembic_version), apart from your application's.",
+    )
+    upgrade.add_argument(
+        "--url", help="SQLAlchemy URL of the database (default: $IDEMPAY_DATABASE_URL)"
+    )
+    upgrade.add_argument("--revision", default="head", help="target revision (default: head)")
+    upgrade.set_defaults(run=_db_upgrade)
     return parser
 
 

@@ -14,7 +14,7 @@ may share one database between tests.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,7 @@ from idempay.protocols import (
 from idempay.testing._support import (
     async_concurrently,
     async_in_processes,
+    async_shut,
     claim_in_child,
     dispatch_in_child,
     flatten,
@@ -91,10 +92,12 @@ class AsyncIdempotencyStoreContract(_AsyncFixtures):
     """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
 
     @pytest.fixture
-    def store(
+    async def store(
         self, make_store: Callable[[Clock | None], AsyncIdempotencyStore], clock: FrozenClock
-    ) -> AsyncIdempotencyStore:
-        return make_store(clock)
+    ) -> AsyncIterator[AsyncIdempotencyStore]:
+        store = make_store(clock)
+        yield store
+        await async_shut(store)
 
     async def _claim(
         self, store: AsyncIdempotencyStore, scope: str, key: str, fp: str = "fp"
@@ -296,6 +299,12 @@ class AsyncIdempotencyStoreContract(_AsyncFixtures):
         self, make_store: Callable[[Clock | None], AsyncIdempotencyStore]
     ) -> None:
         store = make_store(None)
+        try:
+            await self._expire_on_own_clock(store)
+        finally:
+            await async_shut(store)
+
+    async def _expire_on_own_clock(self, store: AsyncIdempotencyStore) -> None:
         scope = _uid()
         first = await store.claim(
             scope, "k", "fp", lease_for=timedelta(milliseconds=1), retain_for=RETAIN
@@ -318,8 +327,12 @@ class AsyncLockProviderContract(_AsyncFixtures):
     """What every lock provider must do; see :class:`idempay.protocols.LockProvider`."""
 
     @pytest.fixture
-    def locks(self, make_provider: Callable[[], AsyncLockProvider]) -> AsyncLockProvider:
-        return make_provider()
+    async def locks(
+        self, make_provider: Callable[[], AsyncLockProvider]
+    ) -> AsyncIterator[AsyncLockProvider]:
+        provider = make_provider()
+        yield provider
+        await async_shut(provider)
 
     async def test_a_lock_is_exclusive_and_fenced(self, locks: AsyncLockProvider) -> None:
         name = f"order:{_uid()}"
@@ -411,11 +424,12 @@ class AsyncPaymentStoreContract(_AsyncFixtures):
     """What every payment store must do; see :class:`idempay.protocols.PaymentStore`."""
 
     @pytest.fixture
-    def store(
+    async def store(
         self, make_store: Callable[[Clock | None], Any], clock: FrozenClock
-    ) -> AsyncPaymentStore:
+    ) -> AsyncIterator[AsyncPaymentStore]:
         store: AsyncPaymentStore = make_store(clock)
-        return store
+        yield store
+        await async_shut(store)
 
     @pytest.fixture
     def outbox(self, store: Any) -> AsyncOutboxStore:

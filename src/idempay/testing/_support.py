@@ -26,13 +26,16 @@ from idempay.protocols import IdempotencyStore, LockProvider, OutboxStore, Payme
 __all__ = [
     "async_concurrently",
     "async_in_processes",
+    "async_shut",
     "claim_in_child",
     "concurrently",
     "dispatch_in_child",
+    "flatten",
     "hold_transaction_in_child",
     "in_processes",
     "kill_child_holding_a_transaction",
     "lock_in_child",
+    "shut",
 ]
 
 T = TypeVar("T")
@@ -119,7 +122,7 @@ def claim_in_child(
         return isinstance(result, Claimed)
 
     _report(results, claim)
-    _close(store)
+    shut(store)
 
 
 def lock_in_child(
@@ -139,7 +142,7 @@ def lock_in_child(
     _report(results, take)
     # Keep the lock until every contender has tried (a provider may free it on exit).
     barrier.wait(timeout=_TIMEOUT)
-    _close(provider)
+    shut(provider)
 
 
 def dispatch_in_child(
@@ -158,7 +161,7 @@ def dispatch_in_child(
         return [(e.tenant, e.order_id) for e in entries]
 
     _report(results, dispatch)
-    _close(store)
+    shut(store)
 
 
 def hold_transaction_in_child(
@@ -191,12 +194,20 @@ def kill_child_holding_a_transaction(
         proc.join(timeout=_TIMEOUT)
 
 
-def _close(resource: object) -> None:
-    for name in ("close", "dispose"):
-        method = getattr(resource, name, None)
-        if callable(method):
-            method()
-            return
+def shut(resource: object) -> None:
+    """Close a backend if it can be closed (``close()``)."""
+    close = getattr(resource, "close", None)
+    if callable(close):
+        close()
+
+
+async def async_shut(resource: object) -> None:
+    """Close an async backend if it can be closed (``aclose()``, else ``close()``)."""
+    aclose = getattr(resource, "aclose", None)
+    if callable(aclose):
+        await aclose()
+    else:
+        shut(resource)
 
 
 def flatten(batches: Sequence[Sequence[T]]) -> list[T]:

@@ -15,7 +15,7 @@ may share one database between tests.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Iterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -42,6 +42,7 @@ from idempay.protocols import (
 from idempay.testing._support import (
     concurrently,
     in_processes,
+    shut,
     claim_in_child,
     dispatch_in_child,
     flatten,
@@ -90,12 +91,13 @@ class _AsyncFixtures:
 class IdempotencyStoreContract(_AsyncFixtures):
     """What every idempotency store must do; see :class:`idempay.protocols.IdempotencyStore`."""
 
-
     @pytest.fixture
     def store(
         self, make_store: Callable[[Clock | None], IdempotencyStore], clock: FrozenClock
-    ) -> IdempotencyStore:
-        return make_store(clock)
+    ) -> Iterator[IdempotencyStore]:
+        store = make_store(clock)
+        yield store
+        shut(store)
 
     def _claim(
         self, store: IdempotencyStore, scope: str, key: str, fp: str = "fp"
@@ -297,6 +299,12 @@ class IdempotencyStoreContract(_AsyncFixtures):
         self, make_store: Callable[[Clock | None], IdempotencyStore]
     ) -> None:
         store = make_store(None)
+        try:
+            self._expire_on_own_clock(store)
+        finally:
+            shut(store)
+
+    def _expire_on_own_clock(self, store: IdempotencyStore) -> None:
         scope = _uid()
         first = store.claim(
             scope, "k", "fp", lease_for=timedelta(milliseconds=1), retain_for=RETAIN
@@ -318,10 +326,13 @@ class IdempotencyStoreContract(_AsyncFixtures):
 class LockProviderContract(_AsyncFixtures):
     """What every lock provider must do; see :class:`idempay.protocols.LockProvider`."""
 
-
     @pytest.fixture
-    def locks(self, make_provider: Callable[[], LockProvider]) -> LockProvider:
-        return make_provider()
+    def locks(
+        self, make_provider: Callable[[], LockProvider]
+    ) -> Iterator[LockProvider]:
+        provider = make_provider()
+        yield provider
+        shut(provider)
 
     def test_a_lock_is_exclusive_and_fenced(self, locks: LockProvider) -> None:
         name = f"order:{_uid()}"
@@ -412,13 +423,13 @@ def _event(event_id: str, tx_now: Any, **fields: Any) -> InboxEvent:
 class PaymentStoreContract(_AsyncFixtures):
     """What every payment store must do; see :class:`idempay.protocols.PaymentStore`."""
 
-
     @pytest.fixture
     def store(
         self, make_store: Callable[[Clock | None], Any], clock: FrozenClock
-    ) -> PaymentStore:
+    ) -> Iterator[PaymentStore]:
         store: PaymentStore = make_store(clock)
-        return store
+        yield store
+        shut(store)
 
     @pytest.fixture
     def outbox(self, store: Any) -> OutboxStore:
