@@ -19,11 +19,14 @@ from datetime import datetime, timedelta
 from typing import Final, TypeVar
 from weakref import WeakKeyDictionary
 
+from idempay import _fused
 from idempay._retry import DEFAULT_ATTEMPTS, retry, retry_async
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import GENESIS_HASH, AuditDraft, AuditEntry, seal
 from idempay.core.keys import validate_key
 from idempay.core.models import (
+    EventCommit,
+    EventReception,
     InboxEvent,
     InboxStatus,
     NewEffect,
@@ -676,6 +679,16 @@ class MemoryPaymentStore:
                 tx.rollback()
                 raise
 
+    def receive_event(
+        self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
+    ) -> EventReception:
+        with self.transaction() as tx:
+            return _fused.receive_event(tx, event, tenant=tenant, order_id=order_id)
+
+    def commit_event(self, commit: EventCommit) -> OrderRecord | None:
+        with self.transaction() as tx:
+            return _fused.commit_event(tx, commit)
+
     def run_transaction(
         self, work: Callable[[PaymentTransaction], T], *, attempts: int = DEFAULT_ATTEMPTS
     ) -> T:
@@ -774,6 +787,26 @@ class AsyncMemoryPaymentStore:
             tx = _MemoryTransaction(self._tables, self._clock)
             try:
                 yield _AsyncMemoryTransaction(tx)
+            except BaseException:
+                tx.rollback()
+                raise
+
+    async def receive_event(
+        self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
+    ) -> EventReception:
+        async with self._lock.hold():
+            tx = _MemoryTransaction(self._tables, self._clock)
+            try:
+                return _fused.receive_event(tx, event, tenant=tenant, order_id=order_id)
+            except BaseException:
+                tx.rollback()
+                raise
+
+    async def commit_event(self, commit: EventCommit) -> OrderRecord | None:
+        async with self._lock.hold():
+            tx = _MemoryTransaction(self._tables, self._clock)
+            try:
+                return _fused.commit_event(tx, commit)
             except BaseException:
                 tx.rollback()
                 raise

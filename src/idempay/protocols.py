@@ -20,7 +20,15 @@ from datetime import datetime, timedelta
 from typing import Protocol, TypeVar, runtime_checkable
 
 from idempay.core.audit import AuditDraft, AuditEntry
-from idempay.core.models import InboxEvent, InboxStatus, NewEffect, OrderRecord, OutboxEntry
+from idempay.core.models import (
+    EventCommit,
+    EventReception,
+    InboxEvent,
+    InboxStatus,
+    NewEffect,
+    OrderRecord,
+    OutboxEntry,
+)
 from idempay.core.orders import OrderState
 from idempay.core.records import ClaimResult, IdempotencyRecord, Lease, StoredResponse
 
@@ -380,6 +388,30 @@ class PaymentStore(Protocol):
         """
         ...
 
+    def receive_event(
+        self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
+    ) -> EventReception:
+        """Atomically insert ``event`` into the inbox unless it is there, and read what a
+        webhook needs to decide: the order it concerns (by ``event.payment_intent_id``, else by
+        ``(tenant, order_id)``) and the end of that order's audit trail.
+
+        One step, so a backend can do it in a single round trip. Inserting commits at once:
+        a received event is never lost, even if its processing then fails (its status stays
+        ``received`` and a later delivery or the reconciler processes it).
+        """
+        ...
+
+    def commit_event(self, commit: EventCommit) -> OrderRecord | None:
+        """Atomically write what one event changes (see :class:`~idempay.core.models.EventCommit`).
+
+        All or nothing, in one step so that a backend can do it in a single round trip.
+        Raises ConcurrentUpdateError, writing nothing, when the order's version is no longer
+        ``commit.order.version`` or its trail no longer ends at ``commit.audit_head`` (another
+        writer got there first: read again and decide again). Returns the order as written, or
+        the order unchanged when ``new_state`` is None.
+        """
+        ...
+
     def run_transaction(self, work: Callable[[PaymentTransaction], T], *, attempts: int = 8) -> T:
         """Run ``work`` in a transaction and return its result, retrying when it may succeed.
 
@@ -397,6 +429,16 @@ class AsyncPaymentStore(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[AsyncPaymentTransaction]:
         """See :meth:`PaymentStore.transaction`."""
+        ...
+
+    async def receive_event(
+        self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
+    ) -> EventReception:
+        """See :meth:`PaymentStore.receive_event`."""
+        ...
+
+    async def commit_event(self, commit: EventCommit) -> OrderRecord | None:
+        """See :meth:`PaymentStore.commit_event`."""
         ...
 
     async def run_transaction(

@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
+from idempay.core.audit import GENESIS_HASH, AuditDraft
 from idempay.core.orders import OrderState
 from idempay.core.records import Lease
 
 __all__ = [
+    "AuditHead",
+    "EventCommit",
+    "EventReception",
     "InboxEvent",
     "InboxStatus",
     "NewEffect",
@@ -140,3 +144,46 @@ class OutboxEntry:
     def dedup_key(self) -> str:
         """See :func:`effect_dedup_key`."""
         return effect_dedup_key(self.tenant, self.order_id, self.effect, self.discriminator)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditHead:
+    """Where an order's audit trail ends: the last ``seq`` (0 for none) and its hash."""
+
+    seq: int = 0
+    hash: str = GENESIS_HASH
+
+
+@dataclass(frozen=True, slots=True)
+class EventReception:
+    """What :meth:`~idempay.protocols.PaymentStore.receive_event` found, in one atomic step.
+
+    ``event`` is the stored inbox row (the earlier one when ``inserted`` is False); ``order``
+    the order the event concerns, if it exists; ``audit_head`` the end of that order's trail.
+    """
+
+    event: InboxEvent
+    inserted: bool
+    order: OrderRecord | None
+    audit_head: AuditHead
+
+
+@dataclass(frozen=True, slots=True)
+class EventCommit:
+    """Everything one webhook event changes, written by one atomic step.
+
+    ``order`` is the record read by ``receive_event`` and ``new_state`` its state after the
+    transition (None: the order is not touched); ``audit`` is appended after ``audit_head``;
+    ``effects`` are enqueued (existing ones are left alone); the inbox row gets ``status``,
+    ``error`` and ``order_id``.
+    """
+
+    event: InboxEvent
+    status: InboxStatus
+    audit_head: AuditHead
+    order: OrderRecord | None = None
+    new_state: OrderState | None = None
+    audit: tuple[AuditDraft, ...] = ()
+    effects: tuple[NewEffect, ...] = ()
+    error: str | None = None
+    order_id: str | None = None

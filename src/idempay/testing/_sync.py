@@ -23,7 +23,15 @@ import pytest
 
 from idempay.clock import Clock, FrozenClock
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
-from idempay.core.models import InboxEvent, InboxStatus, NewEffect, OutboxStatus
+from idempay.core.models import (
+    AuditHead,
+    EventCommit,
+    EventReception,
+    InboxEvent,
+    InboxStatus,
+    NewEffect,
+    OutboxStatus,
+)
 from idempay.core.orders import DisputeStatus, OrderState, OrderStatus, ReviewReason
 from idempay.core.records import Claimed, Existing, RecordState, StoredResponse
 from idempay.errors import (
@@ -772,3 +780,154 @@ class PaymentStoreContract(_AsyncFixtures):
         batches = in_processes(dispatch_in_child, 4, process_factory, 1000)
         mine = [order for t, order in flatten(batches) if t == tenant]
         assert sorted(mine) == sorted(f"o{i}" for i in range(20))
+
+    def _receive(
+        self, store: PaymentStore, event_id: str, intent: str | None, **hint: str
+    ) -> EventReception:
+        with store.transaction() as tx:
+            now = tx.now()
+        return store.receive_event(_event(event_id, now, payment_intent_id=intent), **hint)
+
+    def test_receive_event_inserts_once_and_finds_the_order(
+        self, store: PaymentStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        with store.transaction() as tx:
+            order, _ = tx.insert_order(tenant, "o1", _state(intent=intent))
+            tx.append_audit(
+                AuditDraft(tenant, "o1", AuditStep.STARTED, AuditSource.CHECKOUT, tx.now())
+            )
+        first = self._receive(store, f"evt_{tenant}", intent)
+        assert first.inserted
+        assert first.order == order
+        assert first.audit_head.seq == 1
+        again = self._receive(store, f"evt_{tenant}", intent)
+        assert not again.inserted
+        assert again.event == first.event
+        by_metadata = self._receive(
+            store, f"evt_{tenant}_2", f"pi_{_uid()}", tenant=tenant, order_id="o1"
+        )
+        assert by_metadata.order == order
+        orphan = self._receive(store, f"evt_{tenant}_3", f"pi_{_uid()}")
+        assert orphan.order is None
+        assert orphan.audit_head == AuditHead()
+
+    def test_commit_event_writes_everything_or_nothing(
+        self, store: PaymentStore, outbox: OutboxStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        with store.transaction() as tx:
+            tx.insert_order(tenant, "o1", _state(intent=intent))
+        got = self._receive(store, f"evt_{tenant}", intent)
+        assert got.order is not None
+        paid = _state(OrderStatus.PAID, intent)
+
+        def commit(reception: EventReception) -> EventCommit:
+            assert reception.order is not None
+            return EventCommit(
+                event=reception.event,
+                status=InboxStatus.PROCESSED,
+                audit_head=reception.audit_head,
+                order=reception.order,
+                new_state=paid,
+                audit=(
+                    AuditDraft(
+                        tenant,
+                        "o1",
+                        AuditStep.SUCCEEDED,
+                        AuditSource.WEBHOOK,
+                        got.event.received_at,
+                    ),
+                ),
+                effects=(NewEffect(tenant, "o1", "receipt", "paid"),),
+                order_id="o1",
+            )
+
+        written = store.commit_event(commit(got))
+        assert written is not None
+        assert (written.state, written.version) == (paid, 2)
+        # The same decision taken on the old read is refused, and writes nothing more.
+        with pytest.raises(ConcurrentUpdateError):
+            store.commit_event(commit(got))
+        with store.transaction() as tx:
+            assert [e.seq for e in tx.audit_trail(tenant, "o1")] == [1]
+            stored = tx.get_event("", f"evt_{tenant}")
+            assert stored is not None
+            assert (stored.status, stored.order_id) == (InboxStatus.PROCESSED, "o1")
+        assert len(outbox.effects_for(tenant, "o1")) == 1
+
+    def test_commit_event_without_a_change_still_guards_the_trail(
+        self, store: PaymentStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        with store.transaction() as tx:
+            tx.insert_order(tenant, "o1", _state(intent=intent))
+        a = self._receive(store, f"evt_a{tenant}", intent)
+        b = self._receive(store, f"evt_b{tenant}", intent)
+
+        def stale(reception: EventReception) -> EventCommit:
+            return EventCommit(
+                event=reception.event,
+                status=InboxStatus.PROCESSED,
+                audit_head=reception.audit_head,
+                order=reception.order,
+                audit=(
+                    AuditDraft(
+                        tenant,
+                        "o1",
+                        AuditStep.IGNORED_STALE,
+                        AuditSource.WEBHOOK,
+                        reception.event.received_at,
+                    ),
+                ),
+            )
+
+        assert store.commit_event(stale(a)) == a.order
+        with pytest.raises(ConcurrentUpdateError):
+            store.commit_event(stale(b))
+
+    def test_concurrent_events_on_one_order_all_apply_in_one_chain(
+        self, store: PaymentStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        with store.transaction() as tx:
+            tx.insert_order(tenant, "o1", _state(intent=intent))
+
+        def deliver(i: int) -> None:
+            for _attempt in range(500):
+                got = self._receive(store, f"evt_{i}_{tenant}", intent)
+                assert got.order is not None
+                bumped = OrderState(
+                    OrderStatus.CREATED,
+                    1999,
+                    "eur",
+                    payment_intent_id=intent,
+                    failures=got.order.state.failures + 1,
+                )
+                draft = AuditDraft(
+                    tenant, "o1", AuditStep.FAILED, AuditSource.WEBHOOK, got.event.received_at
+                )
+                try:
+                    store.commit_event(
+                        EventCommit(
+                            event=got.event,
+                            status=InboxStatus.PROCESSED,
+                            audit_head=got.audit_head,
+                            order=got.order,
+                            new_state=bumped,
+                            audit=(draft,),
+                        )
+                    )
+                except ConcurrentUpdateError:
+                    continue
+                return
+            pytest.fail("an event never got through")
+
+        concurrently(THREADS, deliver)
+        with store.transaction() as tx:
+            final = tx.get_order(tenant, "o1")
+            trail = list(tx.audit_trail(tenant, "o1"))
+        assert final is not None
+        assert (final.state.failures, final.version) == (THREADS, THREADS + 1)
+        assert [e.seq for e in trail] == list(range(1, THREADS + 1))
+        assert verify_trail(trail).ok
