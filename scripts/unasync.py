@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = (ROOT / "src" / "idempay" / "backends", ROOT / "src" / "idempay" / "testing")
+SOURCES = tuple(ROOT / "src" / "idempay" / name for name in ("backends", "engine", "testing"))
 
 REPLACEMENTS: dict[str, str] = {
     # Python
