@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = tuple(ROOT / "src" / "idempay" / name for name in ("backends", "engine", "testing"))
+SOURCES = tuple(ROOT / "src" / "idempay" / name for name in ("backends", "engine", "gateway", "testing"))
 
 REPLACEMENTS: dict[str, str] = {
     # Python
@@ -59,6 +59,8 @@ def _convert_line(line: str) -> str | None:
     for old, new in REPLACEMENTS.items():
         line = re.sub(rf"(?<![\w.]){re.escape(old)}(?!\w)", new, line)
     line = line.replace("._async", "._sync")
+    # Libraries that name their coroutine methods with a suffix (stripe: create_async).
+    line = re.sub(r"\b(\w+)_async\(", r"\1(", line)
     line = re.sub(r"\bawait ", "", line)
     line = re.sub(r"\basync (def|with|for) ", r"\1 ", line)
     line = _ASYNC_NAME.sub(r"\1", line)

@@ -24,7 +24,9 @@ The tree::
     │   ├── SignatureVerificationError     400 invalid_signature
     │   ├── MethodNotAllowedError          405 method_not_allowed
     │   ├── UnsupportedMediaTypeError      415 unsupported_media_type
+    │   ├── PaymentProviderError           502 payment_provider_error
     │   └── ServiceUnavailableError        503 service_unavailable (+ Retry-After)
+    │       └── PaymentOutcomeUnknownError 503 payment_outcome_unknown (+ Retry-After)
     ├── StoreError                         a storage backend failed
     │   ├── LeaseLostError                 our lease expired or was taken over (fencing)
     │   ├── ConcurrentUpdateError          compare-and-set lost against another writer
@@ -54,6 +56,8 @@ __all__ = [
     "MissingIdempotencyKeyError",
     "PayloadError",
     "PayloadTooLargeError",
+    "PaymentOutcomeUnknownError",
+    "PaymentProviderError",
     "RequestError",
     "RequestInFlightError",
     "ServiceUnavailableError",
@@ -298,6 +302,30 @@ class ServiceUnavailableError(_RetryAfterError):
     status = 503
     code = "service_unavailable"
     title = "Service temporarily unavailable"
+
+
+class PaymentProviderError(RequestError):
+    """The payment provider refused a request for a reason a retry will not cure.
+
+    A bad API key, an invalid parameter, an idempotency key reused with other parameters: a
+    configuration or programming error, never a card decline (a decline is a payment outcome).
+    """
+
+    status = 502
+    code = "payment_provider_error"
+    title = "Payment provider error"
+
+
+class PaymentOutcomeUnknownError(ServiceUnavailableError):
+    """A call to the payment provider timed out, was reset or failed with a 5xx.
+
+    It may or may not have taken effect. It is never treated as a failure: the work stays
+    recoverable, and a retry (or the reconciler) repeats the call with the *same* provider
+    idempotency key, or finds its result, so that at most one charge is ever made.
+    """
+
+    code = "payment_outcome_unknown"
+    title = "Payment outcome unknown; retry"
 
 
 class StoreError(IdempayError):

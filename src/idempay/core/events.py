@@ -20,7 +20,13 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final, TypeAlias, assert_never
 
-from idempay.core.strictjson import DEFAULT_LIMITS, JSONLimits, ObjectReader, loads_object
+from idempay.core.strictjson import (
+    DEFAULT_LIMITS,
+    JSONLimits,
+    JSONValue,
+    ObjectReader,
+    loads_object,
+)
 from idempay.errors import InvalidFieldError, LivemodeMismatchError
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "PaymentIntentSnapshot",
     "StripeEvent",
     "parse_event",
+    "read_payment_intent",
 ]
 
 MAX_METADATA_ENTRIES: Final = 50
@@ -433,13 +440,23 @@ def _metadata(reader: ObjectReader) -> Mapping[str, str]:
     return MappingProxyType(result)
 
 
+def read_payment_intent(data: Mapping[str, JSONValue]) -> PaymentIntentSnapshot:
+    """Read a PaymentIntent object (an API response, once made plain JSON) strictly.
+
+    The same rules as for the PaymentIntent inside an event; a field out of its domain raises
+    InvalidFieldError with the field's pointer.
+    """
+    return _payment_intent(ObjectReader(data))
+
+
 def _payment_intent(obj: ObjectReader) -> PaymentIntentSnapshot:
     error = obj.optional_object("last_payment_error")
     return PaymentIntentSnapshot(
         id=_prefixed_id(obj, "id", _PAYMENT_INTENT_PREFIXES),
         status=obj.choice("status", PAYMENT_INTENT_STATUSES),
         amount=_amount(obj, "amount"),
-        amount_received=_amount(obj, "amount_received"),
+        # Informational only (decisions use ``amount``); some Stripe fakes leave it out.
+        amount_received=obj.optional_integer("amount_received", minimum=0) or 0,
         currency=obj.currency("currency"),
         livemode=obj.boolean("livemode"),
         metadata=_metadata(obj),
