@@ -266,8 +266,7 @@ class Guard:
         transition = apply(order.state, observation)
         # The transition names its own steps: ignored_stale and rejected included.
         drafts = tuple(
-            self._draft(order, step, event, now, transition=transition)
-            for step in transition.steps
+            self._draft(order, step, event, now, transition=transition) for step in transition.steps
         )
         new_state = transition.after if transition.changed else None
         effects = self._effects_for(order, transition)
