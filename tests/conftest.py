@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -232,6 +233,37 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"service-backed test skipped under CI=true: {report.longrepr}"
     return report
+
+
+@pytest.fixture(scope="session")
+def localstripe_url() -> Iterator[str]:
+    """A localstripe server of this run's own, on a free loopback port; stopped by its PID."""
+    import subprocess
+    import sys
+
+    server = Path(__file__).with_name("localstripe_server.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(server), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("LISTENING "):
+            unavailable("localstripe did not start (pip install localstripe)")
+        url = f"http://127.0.0.1:{int(line.split()[1])}"
+        for _ in range(200):
+            if _port_answers(url):
+                break
+            threading.Event().wait(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture

@@ -235,3 +235,19 @@ def test_end_to_end_a_success_pays_the_order_it_names() -> None:
     assert isinstance(observed, PaymentObserved)
     transition = apply(order, observed)
     assert transition.after.status is OrderStatus.PAID
+
+
+def test_an_intent_back_to_awaiting_with_an_error_is_a_failed_attempt() -> None:
+    declined = PaymentIntentSnapshot(
+        id="pi_1",
+        status="requires_payment_method",
+        amount=1999,
+        amount_received=0,
+        currency="eur",
+        livemode=False,
+        metadata={},
+        last_payment_error_code="card_declined",
+    )
+    observed = observation_from_intent(declined, observed_at=5)
+    assert isinstance(observed, PaymentObserved)
+    assert observed.phase is PaymentPhase.FAILED

@@ -125,6 +125,8 @@ class PaymentIntentSnapshot:
     livemode: bool
     metadata: Mapping[str, str]
     last_payment_error_code: str | None
+    client_secret: str | None = None
+    """What the customer's browser needs to confirm the payment (Stripe.js); not a secret key."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metadata", _frozen_metadata(self.metadata))
@@ -141,6 +143,7 @@ class PaymentIntentSnapshot:
                 self.livemode,
                 frozenset(self.metadata.items()),
                 self.last_payment_error_code,
+                self.client_secret,
             )
         )
 
@@ -463,6 +466,7 @@ def _payment_intent(obj: ObjectReader) -> PaymentIntentSnapshot:
         last_payment_error_code=(
             None if error is None else error.optional_string("code", max_length=255)
         ),
+        client_secret=obj.optional_identifier("client_secret", max_length=500),
     )
 
 

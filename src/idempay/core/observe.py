@@ -58,9 +58,13 @@ def observation_from_intent(intent: PaymentIntentSnapshot, *, observed_at: int) 
     """Reduce a PaymentIntent (an API response, or one fetched by the reconciler).
 
     ``observed_at`` is when it was read (unix seconds). The PaymentIntent's own status is the
-    truth at that moment, so it always yields an observation.
+    truth at that moment, so it always yields an observation; ``requires_payment_method``
+    with a ``last_payment_error`` is a failed attempt.
     """
     phase = phase_for_intent_status(intent.status)
+    if phase is PaymentPhase.AWAITING_PAYMENT and intent.last_payment_error_code is not None:
+        # Back to requires_payment_method with an error: the last attempt failed.
+        phase = PaymentPhase.FAILED
     if phase is None:
         # parse_event admits only known statuses; this guards snapshots built elsewhere.
         raise InvalidFieldError("/status", "is not a known PaymentIntent status")

@@ -9,6 +9,7 @@ the lock provider, when there is one, only cuts contention.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -19,7 +20,8 @@ from typing import Any, TypeVar, cast
 
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep
-from idempay.core.events import StripeEvent, parse_event
+from idempay.core.events import PaymentIntentSnapshot, StripeEvent, parse_event
+from idempay.core.keys import Scope, key_digest, parse_key_header, request_fingerprint
 from idempay.core.models import (
     EventCommit,
     EventReception,
@@ -29,10 +31,25 @@ from idempay.core.models import (
     OrderRecord,
     OutboxEntry,
 )
-from idempay.core.observe import observation_from_event
-from idempay.core.orders import EffectTrigger, OrderState, Outcome, Transition, apply
+from idempay.core.observe import observation_from_event, observation_from_intent
+from idempay.core.orders import (
+    EffectTrigger,
+    OrderState,
+    Outcome,
+    Transition,
+    apply,
+    new_order,
+)
+from idempay.core.records import Execute, InFlight, Mismatch, Replay, decide
 from idempay.core.signature import verify_signature
+from idempay.core.strictjson import ObjectReader, loads_object
 from idempay.engine._auditlog import log_decision, log_draft
+from idempay.engine._checkout import (
+    CheckoutRequest,
+    OrderSpec,
+    RecoveryPoint,
+    stripe_idempotency_key,
+)
 from idempay.engine._config import GuardConfig, LockFailurePolicy
 from idempay.engine._faults import FaultPoint, FaultPoints
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
@@ -40,15 +57,25 @@ from idempay.engine._results import DispatchReport, EffectContext, WebhookOutcom
 from idempay.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
+    FingerprintMismatchError,
     LeaseLostError,
     LockError,
     MethodNotAllowedError,
+    PaymentOutcomeUnknownError,
     RequestError,
+    RequestInFlightError,
     ServiceUnavailableError,
     TransientStoreError,
     UnsupportedMediaTypeError,
 )
-from idempay.protocols import AsyncLockProvider, AsyncOutboxStore, AsyncPaymentStore
+from idempay.gateway._async import AsyncStripeGateway
+from idempay.protocols import (
+    AsyncIdempotencyStore,
+    AsyncLockProvider,
+    AsyncOutboxStore,
+    AsyncPaymentStore,
+    AsyncPaymentTransaction,
+)
 
 __all__ = ["AsyncGuard"]
 
@@ -57,6 +84,10 @@ logger = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 EffectFunction = Callable[[EffectContext], Awaitable[None]]  # unasync: remove
 # EffectFunction = Callable[[EffectContext], None]  # unasync: sync-only
+CheckoutHandler = Callable[[CheckoutRequest], Awaitable[OrderSpec]]  # unasync: remove
+# CheckoutHandler = Callable[[CheckoutRequest], OrderSpec]  # unasync: sync-only
+CheckoutEndpoint = Callable[[GuardRequest], Awaitable[GuardResponse]]  # unasync: remove
+# CheckoutEndpoint = Callable[[GuardRequest], GuardResponse]  # unasync: sync-only
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +103,8 @@ class AsyncGuard:
     Args:
         payments: the store of orders, inbox, audit and outbox (it must also be the outbox
             store the dispatcher drains, as every shipped payment store is).
+        records: the idempotency-record store of checkouts (needed for :meth:`checkout`).
+        gateway: the Stripe gateway of checkouts (needed for :meth:`checkout`).
         config: the guard's options (webhook secrets among them).
         locks: an optional lock provider that spares duplicate work; correctness never
             depends on it.
@@ -93,11 +126,15 @@ class AsyncGuard:
         *,
         payments: AsyncPaymentStore,
         config: GuardConfig,
+        records: AsyncIdempotencyStore | None = None,
+        gateway: AsyncStripeGateway | None = None,
         locks: AsyncLockProvider | None = None,
         clock: Clock | None = None,
         faults: FaultPoints | None = None,
     ) -> None:
         self.payments = payments
+        self.records = records
+        self.gateway = gateway
         self.config = config
         self.locks = locks
         self.clock = clock or SystemClock()
@@ -143,6 +180,304 @@ class AsyncGuard:
             for reg in self._effects.values()
             if reg.trigger is effect.trigger
         )
+
+    # --- checkout -------------------------------------------------------------------------
+
+    def checkout(
+        self, *, operation: str = "checkout", ignore: tuple[str, ...] = ()
+    ) -> Callable[[CheckoutHandler], CheckoutEndpoint]:
+        """Turn a checkout handler into an idempotent endpoint ``(GuardRequest) -> GuardResponse``.
+
+        The handler receives a :class:`CheckoutRequest` and returns the :class:`OrderSpec` to
+        charge; idempay does the rest. Guarantees:
+
+        - one order per ``order_id`` and one PaymentIntent per order, whatever the number of
+          clicks, keys, processes, retries or crashes; the Stripe call carries an idempotency
+          key derived from the order, never a random one, and ``metadata.order_id``;
+        - the same key again gets the stored response with ``Idempotent-Replayed: true``; while
+          the first is in flight, 409 with ``Retry-After``; with a different body, 422;
+        - a timeout, reset or 5xx from Stripe is an unknown outcome (503, ``Retry-After``), never
+          a failure: the retry resumes with the same Stripe key; a crash at any step is
+          resumed the same way once the lease runs out;
+        - a declined card leaves the order ``payment_failed`` (audited ``failed``), payable
+          later.
+
+        ``ignore`` names top-level body fields left out of the request fingerprint (fields a
+        client may vary harmlessly, such as a timestamp).
+        """
+        if self.records is None or self.gateway is None:
+            raise ConfigurationError("checkout needs the guard's records store and gateway")
+
+        def decorate(handler: CheckoutHandler) -> CheckoutEndpoint:
+            async def endpoint(request: GuardRequest) -> GuardResponse:
+                try:
+                    return await self._checkout(handler, operation, ignore, request)
+                except RequestError as error:
+                    return problem_response(error, instance=request.route)
+
+            endpoint.__name__ = getattr(handler, "__name__", "checkout")
+            endpoint.__doc__ = handler.__doc__
+            return endpoint
+
+        return decorate
+
+    async def _checkout(
+        self,
+        handler: CheckoutHandler,
+        operation: str,
+        ignore: tuple[str, ...],
+        request: GuardRequest,
+    ) -> GuardResponse:
+        records = cast("AsyncIdempotencyStore", self.records)
+        if request.method.upper() != "POST":
+            raise MethodNotAllowedError("checkouts are POSTed", allowed=("POST",))
+        content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise UnsupportedMediaTypeError("checkouts are application/json")
+        key = parse_key_header(request.header("idempotency-key"))
+        scope = Scope(operation=operation, tenant=request.tenant, user=request.user)
+        body = loads_object(request.body, limits=self.config.json_limits)
+        fingerprint = request_fingerprint(request.method, request.route, body, ignore=ignore)
+        digest = key_digest(scope, key)
+        lease = await self._lock(f"idem:{digest}")
+        try:
+            claim = await records.claim(
+                scope.encode(),
+                key,
+                fingerprint,
+                lease_for=self.config.lease,
+                retain_for=self.config.retain,
+            )
+            decision = decide(claim, fingerprint, self.clock.now())
+            match decision:
+                case Execute():
+                    context = CheckoutRequest(
+                        body=body,
+                        fields=ObjectReader(body),
+                        tenant=request.tenant,
+                        user=request.user,
+                        request=request,
+                    )
+                    return await self._execute(
+                        handler, context, scope=scope, key=key, digest=digest, decision=decision
+                    )
+                case Replay(response=stored):
+                    self._log_checkout(AuditStep.REPLAYED, request, digest)
+                    return GuardResponse.replay(stored)
+                case InFlight(retry_after=retry_after):
+                    self._log_checkout(AuditStep.CONFLICT, request, digest)
+                    raise RequestInFlightError(
+                        "a checkout with this idempotency key is in progress",
+                        retry_after=retry_after,
+                    )
+                case Mismatch():
+                    self._log_checkout(AuditStep.MISMATCH, request, digest)
+                    raise FingerprintMismatchError(
+                        "this idempotency key was used with a different checkout"
+                    )
+        finally:
+            await self._unlock(f"idem:{digest}", lease)
+
+    def _log_checkout(self, step: AuditStep, request: GuardRequest, digest: str) -> None:
+        log_decision(step, source=AuditSource.CHECKOUT, tenant=request.tenant, key_digest=digest)
+
+    async def _execute(
+        self,
+        handler: CheckoutHandler,
+        context: CheckoutRequest,
+        *,
+        scope: Scope,
+        key: str,
+        digest: str,
+        decision: Execute,
+    ) -> GuardResponse:
+        records = cast("AsyncIdempotencyStore", self.records)
+        scope_text, lease = scope.encode(), decision.lease
+        try:
+            spec = await handler(context)
+        except RequestError as refused:
+            # A deterministic refusal by the application is stored and replayed, like Stripe.
+            stored = problem_response(refused).to_stored()
+            await records.complete(scope_text, key, lease, stored, failed=True)
+            raise
+        except BaseException:
+            await records.release(scope_text, key, lease, discard=decision.recovery_point is None)
+            raise
+        order_id = decision.resource_id or spec.order_id
+        try:
+            order = await self._create_order(spec, order_id, context.tenant, digest, decision)
+            await records.checkpoint(
+                scope_text,
+                key,
+                lease,
+                recovery_point=RecoveryPoint.ORDER_CREATED,
+                resource_id=order_id,
+            )
+            self.faults.reach(FaultPoint.CHECKOUT_AFTER_ORDER)
+            intent = await self._ensure_intent(order, spec, resumed=decision.resumed)
+            self.faults.reach(FaultPoint.CHECKOUT_AFTER_STRIPE)
+            order = await self._apply_intent(order, intent)
+            await records.checkpoint(
+                scope_text, key, lease, recovery_point=RecoveryPoint.INTENT_CREATED
+            )
+            if spec.payment_method is not None and intent.status == "requires_confirmation":
+                gateway = cast("AsyncStripeGateway", self.gateway)
+                intent = await gateway.confirm_payment_intent(
+                    intent.id,
+                    idempotency_key=stripe_idempotency_key(order.tenant, order.order_id, "confirm"),
+                )
+                order = await self._apply_intent(order, intent)
+            await self.apply_orphans(order)
+            response = json_response(
+                201,
+                {
+                    "order_id": order.order_id,
+                    "status": order.state.status.value,
+                    "amount": order.state.amount,
+                    "currency": order.state.currency,
+                    "payment_intent_id": intent.id,
+                    "client_secret": intent.client_secret,
+                },
+            )
+            self.faults.reach(FaultPoint.CHECKOUT_BEFORE_COMPLETE)
+            await records.complete(scope_text, key, lease, response.to_stored())
+        except PaymentOutcomeUnknownError:
+            await self._audit_unknown(order_id, context.tenant, digest)
+            await records.release(scope_text, key, lease)
+            raise
+        except LeaseLostError:
+            log_decision(
+                AuditStep.LEASE_LOST,
+                source=AuditSource.CHECKOUT,
+                tenant=context.tenant,
+                order_id=order_id,
+                key_digest=digest,
+            )
+            raise RequestInFlightError(
+                "another worker took this checkout over; retry", retry_after=1
+            ) from None
+        except BaseException:
+            await self._release_quietly(scope_text, key, decision)
+            raise
+        return response
+
+    async def _release_quietly(self, scope_text: str, key: str, decision: Execute) -> None:
+        records = cast("AsyncIdempotencyStore", self.records)
+        # Another owner may have it already: then there is nothing of ours to give back.
+        with contextlib.suppress(LeaseLostError):
+            await records.release(scope_text, key, decision.lease)
+
+    async def _create_order(
+        self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute
+    ) -> OrderRecord:
+        state = new_order(amount=spec.amount, currency=spec.currency).after
+
+        async def work(tx: AsyncPaymentTransaction) -> OrderRecord:
+            record, inserted = await tx.insert_order(tenant, order_id, state)
+            step = (
+                AuditStep.STARTED if inserted else AuditStep.RECOVERED if decision.resumed else None
+            )
+            if step is not None:
+                draft = AuditDraft(
+                    tenant,
+                    order_id,
+                    step,
+                    AuditSource.CHECKOUT,
+                    tx.now(),
+                    to_status=record.state.status.value,
+                    key_digest=digest,
+                )
+                await tx.append_audit(draft)
+                log_draft(draft)
+            return record
+
+        order = await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        if (order.state.amount, order.state.currency) != (spec.amount, spec.currency):
+            raise FingerprintMismatchError("this order exists with another amount or currency")
+        return order
+
+    async def _ensure_intent(
+        self, order: OrderRecord, spec: OrderSpec, *, resumed: bool
+    ) -> PaymentIntentSnapshot:
+        gateway = cast("AsyncStripeGateway", self.gateway)
+        if order.state.payment_intent_id is not None:
+            return await gateway.retrieve_payment_intent(order.state.payment_intent_id)
+        if resumed:
+            # A predecessor may have created it and died before recording it: find it by its
+            # metadata rather than trust the provider's 24-hour idempotency window alone.
+            found = await gateway.find_payment_intents(
+                order_id=order.order_id, metadata_key=self.config.order_metadata_key
+            )
+            mine = [
+                pi
+                for pi in found
+                if pi.metadata.get(self.config.tenant_metadata_key, "") == order.tenant
+                and pi.status != "canceled"
+            ]
+            if mine:
+                return mine[0]
+        metadata = {
+            **spec.metadata,
+            self.config.order_metadata_key: order.order_id,
+            self.config.tenant_metadata_key: order.tenant,
+        }
+        return await gateway.create_payment_intent(
+            amount=order.state.amount,
+            currency=order.state.currency,
+            metadata=metadata,
+            idempotency_key=stripe_idempotency_key(order.tenant, order.order_id, "create"),
+            payment_method=spec.payment_method,
+            capture_method=spec.capture_method,
+        )
+
+    async def _apply_intent(self, order: OrderRecord, intent: PaymentIntentSnapshot) -> OrderRecord:
+        """Apply what Stripe answered to the order, with its audit steps and effects."""
+        observation = observation_from_intent(intent, observed_at=int(self.clock.now().timestamp()))
+
+        async def work(tx: AsyncPaymentTransaction) -> OrderRecord:
+            current = await tx.get_order(order.tenant, order.order_id)
+            if current is None:  # pragma: no cover - orders are never deleted
+                raise ConcurrentUpdateError("the order disappeared")
+            transition = apply(current.state, observation)
+            updated = current
+            if transition.changed:
+                updated = await tx.update_order(current, transition.after)
+            for step in transition.steps:
+                draft = AuditDraft(
+                    current.tenant,
+                    current.order_id,
+                    step,
+                    AuditSource.CHECKOUT,
+                    tx.now(),
+                    from_status=current.state.status.value,
+                    to_status=transition.after.status.value,
+                    details={"reason": transition.reason},
+                )
+                await tx.append_audit(draft)
+                log_draft(draft)
+            for effect in self._effects_for(current, transition):
+                await tx.enqueue_effect(effect)
+            return updated
+
+        return await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+
+    async def _audit_unknown(self, order_id: str, tenant: str, digest: str) -> None:
+        async def work(tx: AsyncPaymentTransaction) -> None:
+            if await tx.get_order(tenant, order_id) is None:
+                return
+            draft = AuditDraft(
+                tenant,
+                order_id,
+                AuditStep.OUTCOME_UNKNOWN,
+                AuditSource.CHECKOUT,
+                tx.now(),
+                key_digest=digest,
+                details={"reason": "payment provider call without a clear answer"},
+            )
+            await tx.append_audit(draft)
+            log_draft(draft)
+
+        await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
 
     # --- webhooks -------------------------------------------------------------------------
 

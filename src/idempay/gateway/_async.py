@@ -14,6 +14,7 @@ what they mean for the money:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ else:
 
 __all__ = ["AsyncStripeGateway"]
 
+logger = logging.getLogger(__name__)
+
 _UNKNOWN = (
     "APIConnectionError",  # timeouts and resets
     "APIError",  # 5xx
@@ -41,6 +44,7 @@ def _snapshot(obj: Any) -> PaymentIntentSnapshot:
 
 
 def _translate(error: Exception) -> Exception:
+    logger.debug("stripe call failed", exc_info=error)
     name = type(error).__name__
     if name in _UNKNOWN:
         return PaymentOutcomeUnknownError(
@@ -64,6 +68,7 @@ class AsyncStripeGateway:
 
     def __init__(self, client: stripe.StripeClient) -> None:
         self.client = client
+        self._owned_http: Any = None
 
     @classmethod
     def from_settings(
@@ -84,7 +89,16 @@ class AsyncStripeGateway:
             max_network_retries=max_network_retries,
             http_client=http_client,
         )
-        return cls(client)
+        gateway = cls(client)
+        gateway._owned_http = http_client
+        return gateway
+
+    async def aclose(self) -> None:
+        """Close the HTTP client :meth:`from_settings` made (not one you passed in)."""
+        if self._owned_http is not None:
+            await self._owned_http.close_async()  # unasync: remove
+            # self._owned_http.close()  # unasync: sync-only
+            self._owned_http = None
 
     async def create_payment_intent(
         self,

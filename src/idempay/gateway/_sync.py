@@ -15,6 +15,7 @@ what they mean for the money:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ else:
 
 __all__ = ["StripeGateway"]
 
+logger = logging.getLogger(__name__)
+
 _UNKNOWN = (
     "APIConnectionError",  # timeouts and resets
     "APIError",  # 5xx
@@ -42,6 +45,7 @@ def _snapshot(obj: Any) -> PaymentIntentSnapshot:
 
 
 def _translate(error: Exception) -> Exception:
+    logger.debug("stripe call failed", exc_info=error)
     name = type(error).__name__
     if name in _UNKNOWN:
         return PaymentOutcomeUnknownError(
@@ -65,6 +69,7 @@ class StripeGateway:
 
     def __init__(self, client: stripe.StripeClient) -> None:
         self.client = client
+        self._owned_http: Any = None
 
     @classmethod
     def from_settings(
@@ -85,7 +90,15 @@ class StripeGateway:
             max_network_retries=max_network_retries,
             http_client=http_client,
         )
-        return cls(client)
+        gateway = cls(client)
+        gateway._owned_http = http_client
+        return gateway
+
+    def close(self) -> None:
+        """Close the HTTP client :meth:`from_settings` made (not one you passed in)."""
+        if self._owned_http is not None:
+            self._owned_http.close()
+            self._owned_http = None
 
     def create_payment_intent(
         self,
