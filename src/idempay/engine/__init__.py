@@ -8,6 +8,7 @@ you).
 from __future__ import annotations
 
 from idempay.engine._async import AsyncGuard
+from idempay.engine._checkout import CheckoutRequest, OrderSpec, stripe_idempotency_key
 from idempay.engine._config import GuardConfig, LockFailurePolicy
 from idempay.engine._faults import FaultPoint, FaultPoints, kill_process
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
@@ -16,6 +17,7 @@ from idempay.engine._sync import Guard
 
 __all__ = [
     "AsyncGuard",
+    "CheckoutRequest",
     "DispatchReport",
     "EffectContext",
     "FaultPoint",
@@ -25,8 +27,10 @@ __all__ = [
     "GuardRequest",
     "GuardResponse",
     "LockFailurePolicy",
+    "OrderSpec",
     "WebhookOutcome",
     "json_response",
     "kill_process",
     "problem_response",
+    "stripe_idempotency_key",
 ]
