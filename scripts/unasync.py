@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = tuple(ROOT / "src" / "idempay" / name for name in ("backends", "engine", "gateway", "testing"))
+SOURCES = tuple(
+    ROOT / "src" / "idempay" / name for name in ("backends", "engine", "gateway", "testing")
+)
 
 REPLACEMENTS: dict[str, str] = {
     # Python

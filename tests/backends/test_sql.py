@@ -17,12 +17,14 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from time import monotonic
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -43,7 +45,14 @@ from idempay.backends.sql import (
 from idempay.backends.sql._common import wrap
 from idempay.clock import Clock, FrozenClock
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
-from idempay.core.models import NewEffect
+from idempay.core.models import (
+    AuditHead,
+    EventCommit,
+    InboxEvent,
+    InboxStatus,
+    NewEffect,
+    OrderRecord,
+)
 from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import Claimed, Existing, Lease, StoredResponse
 from idempay.errors import (
@@ -1081,3 +1090,398 @@ def test_a_sqlite_engine_runs_wal_and_immediate_transactions(tmp_path: Path) -> 
             other.close()
     finally:
         engine.dispose()
+
+
+# --- the webhook's two steps -----------------------------------------------------------------
+
+PAID_EVENT = "payment_intent.succeeded"
+
+
+def _inbox_event(event_id: str, **fields: Any) -> InboxEvent:
+    base: dict[str, Any] = {
+        "account": "",
+        "event_id": event_id,
+        "type": PAID_EVENT,
+        "created": 1_767_225_600,
+        "payload": b'{"id":"' + event_id.encode() + b'"}\x00\xff',
+        "received_at": datetime.now(UTC),
+    }
+    return InboxEvent(**(base | fields))
+
+
+def _draft(tenant: str, order_id: str, step: AuditStep = AuditStep.SUCCEEDED) -> AuditDraft:
+    return AuditDraft(
+        tenant, order_id, step, AuditSource.WEBHOOK, datetime.now(UTC), details={"n": "1"}
+    )
+
+
+def _paid(intent: str | None = None) -> OrderState:
+    return OrderState(OrderStatus.PAID, 1999, "eur", payment_intent_id=intent)
+
+
+def _order_with_trail(store: Any, tenant: str, intent: str | None = None) -> OrderRecord:
+    with store.transaction() as tx:
+        order, _ = tx.insert_order(
+            tenant, "o1", OrderState(OrderStatus.CREATED, 1999, "eur", intent)
+        )
+        tx.append_audit(_draft(tenant, "o1", AuditStep.STARTED))
+    return order
+
+
+def _written(store: Any, tenant: str, event_id: str) -> tuple[Any, ...]:
+    """Everything a commit may write for (tenant, o1) and the event, to compare before/after."""
+    with store.transaction() as tx:
+        rows = (
+            tx.get_order(tenant, "o1"),
+            list(tx.audit_trail(tenant, "o1")),
+            tx.get_event("", event_id),
+        )
+    return (*rows, list(store.effects_for(tenant, "o1")))
+
+
+class _Statements:
+    """The statements an engine sends, and whether each ran outside any transaction."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.sent: list[tuple[str, bool]] = []
+        self._engine = engine
+        sa.event.listen(engine, "before_cursor_execute", self._record)
+
+    def _record(self, conn: sa.Connection, _c: Any, statement: str, *_: Any) -> None:
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        idle = dbapi.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        self.sent.append((statement, bool(dbapi.autocommit) and idle))
+
+    def take(self) -> list[tuple[str, bool]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+    def close(self) -> None:
+        sa.event.remove(self._engine, "before_cursor_execute", self._record)
+
+
+def _xmin(db_url: str, table: str, **key: str) -> tuple[Any, ...]:
+    """The row versions (xmin) of ``table``'s rows matching ``key``: a rewritten row has a new
+    one, so equal results mean nothing was written."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            where = " AND ".join(f"{name} = :{name}" for name in key)
+            return tuple(
+                conn.execute(
+                    sa.text(f"SELECT xmin::text FROM {table} WHERE {where} ORDER BY 1"),
+                    key,
+                ).scalars()
+            )
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_delivery_is_two_statements_without_begin_and_a_duplicate_one(
+    postgres_db: str,
+) -> None:
+    store = SQLPaymentStore.from_url(postgres_db)
+    watch = _Statements(store.engine)
+    tenant, intent = _uid(), f"pi_{_uid()}"
+    try:
+        order = _order_with_trail(store, tenant, intent)
+        watch.take()
+        event = _inbox_event(f"evt_{tenant}", payment_intent_id=intent)
+        got = store.receive_event(event)
+        assert (got.inserted, got.order, got.audit_head.seq) == (True, order, 1)
+        written = store.commit_event(
+            EventCommit(
+                event=got.event,
+                status=InboxStatus.PROCESSED,
+                audit_head=got.audit_head,
+                order=got.order,
+                new_state=_paid(intent),
+                audit=(_draft(tenant, "o1"),),
+                effects=(NewEffect(tenant, "o1", "receipt", "paid"),),
+                order_id="o1",
+            )
+        )
+        assert written is not None
+        assert written.version == 2
+        sent = watch.take()
+        assert len(sent) == 2, [s for s, _ in sent]
+        assert all(outside for _, outside in sent), "a statement ran inside a transaction"
+
+        before = _written(store, tenant, event.event_id)
+        rows = {
+            table: _xmin(postgres_db, table, **key)
+            for table, key in (
+                ("idempay_inbox", {"event_id": event.event_id}),
+                ("idempay_orders", {"tenant": tenant}),
+                ("idempay_audit", {"tenant": tenant}),
+                ("idempay_outbox", {"tenant": tenant}),
+            )
+        }
+        watch.take()
+        again = store.receive_event(event)
+        sent = watch.take()
+        assert len(sent) == 1
+        assert sent[0][1]
+        assert not again.inserted
+        assert again.event.status is InboxStatus.PROCESSED
+        assert again.order == written
+        assert again.audit_head.seq == 2
+        assert _written(store, tenant, event.event_id) == before
+        for table, key in (
+            ("idempay_inbox", {"event_id": event.event_id}),
+            ("idempay_orders", {"tenant": tenant}),
+            ("idempay_audit", {"tenant": tenant}),
+            ("idempay_outbox", {"tenant": tenant}),
+        ):
+            assert _xmin(postgres_db, table, **key) == rows[table], table
+        _idle(store)
+    finally:
+        watch.close()
+        store.close()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_claim_complete_and_lease_writes_are_one_statement_each_outside_begin(
+    postgres_db: str,
+) -> None:
+    store = SQLIdempotencyStore.from_url(postgres_db)
+    watch = _Statements(store.engine)
+    scope = _uid()
+    try:
+        claimed = store.claim(scope, "k", "fp", lease_for=LEASE, retain_for=RETAIN)
+        assert isinstance(claimed, Claimed)
+        store.checkpoint(scope, "k", claimed.lease, recovery_point="order")
+        lease = store.extend(scope, "k", claimed.lease, lease_for=LEASE)
+        store.complete(scope, "k", lease, StoredResponse(201, b"{}"))
+        assert store.get(scope, "k") is not None
+        sent = watch.take()
+        assert len(sent) == 5
+        assert all(outside for _, outside in sent)
+    finally:
+        watch.close()
+        store.close()
+
+
+@pytest.mark.postgres
+def test_transactions_read_the_database_clock_once_not_at_every_begin(postgres_db: str) -> None:
+    store = SQLPaymentStore.from_url(postgres_db)
+    watch = _Statements(store.engine)
+    try:
+        times = []
+        for _ in range(5):
+            with store.transaction() as tx:
+                times.append(tx.now())
+        assert len(watch.take()) == 1  # the first transaction sampled the clock
+        assert times == sorted(times)
+        assert abs(times[0] - datetime.now(UTC)) < timedelta(seconds=1)
+    finally:
+        watch.close()
+        store.close()
+
+
+def test_engines_from_urls_do_not_ping_unless_asked(db_url: str) -> None:
+    with SQLPaymentStore.from_url(db_url) as plain:
+        assert not plain.engine.pool._pre_ping
+    with SQLPaymentStore.from_url(db_url, pool_pre_ping=True) as pinging:
+        assert pinging.engine.pool._pre_ping
+        assert pinging.effects_for(_uid(), "o1") == []
+
+
+def test_commit_event_writes_several_entries_and_effects_and_keeps_existing_ones(
+    sync_stores: Callable[..., Any],
+) -> None:
+    store = sync_stores(SQLPaymentStore)
+    tenant = _uid()
+    _order_with_trail(store, tenant)
+    with store.transaction() as tx:
+        tx.enqueue_effect(NewEffect(tenant, "o1", "receipt", "paid", '{"first":true}'))
+    got = store.receive_event(_inbox_event(f"evt_{tenant}"), tenant=tenant, order_id="o1")
+    assert got.order is not None
+    written = store.commit_event(
+        EventCommit(
+            event=got.event,
+            status=InboxStatus.PROCESSED,
+            audit_head=got.audit_head,
+            order=got.order,
+            new_state=_paid(),
+            audit=(_draft(tenant, "o1"), _draft(tenant, "o1", AuditStep.DUPLICATE)),
+            effects=(
+                NewEffect(tenant, "o1", "receipt", "paid", '{"second":true}'),
+                NewEffect(tenant, "o1", "grant", "paid"),
+                NewEffect(tenant, "o1", "ship", "paid"),
+            ),
+            order_id="o1",
+        )
+    )
+    assert written is not None
+    assert (written.state, written.version) == (_paid(), 2)
+    with store.transaction() as tx:
+        assert tx.get_order(tenant, "o1") == written
+        trail = list(tx.audit_trail(tenant, "o1"))
+        event = tx.get_event("", f"evt_{tenant}")
+    assert [e.step for e in trail] == [AuditStep.STARTED, AuditStep.SUCCEEDED, AuditStep.DUPLICATE]
+    assert verify_trail(trail).ok
+    assert event is not None
+    assert (event.status, event.attempts, event.order_id) == (InboxStatus.PROCESSED, 1, "o1")
+    assert event.processed_at is not None
+    effects = {e.effect: e.payload for e in store.effects_for(tenant, "o1")}
+    assert effects == {"receipt": '{"first":true}', "grant": "{}", "ship": "{}"}
+    # A commit that changes nothing but the inbox row: the order comes back unchanged.
+    other = store.receive_event(_inbox_event(f"evt2_{tenant}"), tenant=tenant, order_id="o1")
+    assert other.order == written
+    assert other.audit_head.seq == 3
+    kept = store.commit_event(
+        EventCommit(
+            event=other.event,
+            status=InboxStatus.IGNORED,
+            audit_head=other.audit_head,
+            order=other.order,
+            error="not ours",
+        )
+    )
+    assert kept == written
+    with store.transaction() as tx:
+        ignored = tx.get_event("", f"evt2_{tenant}")
+    assert ignored is not None
+    assert (ignored.status, ignored.error, ignored.attempts) == (
+        InboxStatus.IGNORED,
+        "not ours",
+        1,
+    )
+
+
+def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> None:
+    store = sync_stores(SQLPaymentStore)
+    tenant, intent = _uid(), f"pi_{_uid()}"
+    _order_with_trail(store, tenant, intent)
+    with store.transaction() as tx:
+        tx.insert_order(tenant, "taken", OrderState(OrderStatus.CREATED, 1999, "eur", "pi_taken"))
+    event_id = f"evt_{tenant}"
+    got = store.receive_event(_inbox_event(event_id, payment_intent_id=intent))
+    assert got.order is not None
+
+    def commit(**changes: Any) -> EventCommit:
+        fields: dict[str, Any] = {
+            "event": got.event,
+            "status": InboxStatus.PROCESSED,
+            "audit_head": got.audit_head,
+            "order": got.order,
+            "new_state": _paid(intent),
+            "audit": (_draft(tenant, "o1"),),
+            "effects": (NewEffect(tenant, "o1", "receipt", "paid"),),
+            "order_id": "o1",
+        }
+        return EventCommit(**(fields | changes))
+
+    before = _written(store, tenant, event_id)
+    refusals: list[tuple[type[Exception], EventCommit]] = [
+        # The order moved on (its version is no longer the one read).
+        (ConcurrentUpdateError, commit(order=replace(got.order, version=7))),
+        # The trail moved on, with or without a change of the order.
+        (ConcurrentUpdateError, commit(audit_head=AuditHead())),
+        (ConcurrentUpdateError, commit(new_state=None, audit_head=AuditHead())),
+        (ConcurrentUpdateError, commit(audit_head=AuditHead(1, "f" * 64))),
+        (ConcurrentUpdateError, commit(audit_head=AuditHead(0, "f" * 64))),
+        # The new state names another order's PaymentIntent.
+        (ConcurrentUpdateError, commit(new_state=_paid("pi_taken"))),
+        # The event is not in the inbox.
+        (StoreError, commit(event=replace(got.event, event_id="evt_nowhere"))),
+        (StoreError, commit(event=replace(got.event, event_id="evt_nowhere"), new_state=None)),
+        # Entries of another order.
+        (ConfigurationError, commit(audit=(_draft(tenant, "o2"),))),
+    ]
+    for error, refused in refusals:
+        with pytest.raises(error) as caught:
+            store.commit_event(refused)
+        assert type(caught.value) is error, refused
+        assert tenant not in str(caught.value)
+        assert _written(store, tenant, event_id) == before, refused
+    # The refusals left the way open: the right commit goes through.
+    assert store.commit_event(commit()) is not None
+
+
+def test_concurrent_receptions_of_one_event_insert_it_once(sync_stores: Callable[..., Any]) -> None:
+    store = sync_stores(SQLPaymentStore, pool_size=8)
+    tenant = _uid()
+    order = _order_with_trail(store, tenant)
+    event = _inbox_event(f"evt_{tenant}")
+    got = concurrently(8, lambda _: store.receive_event(event, tenant=tenant, order_id="o1"))
+    assert [g.inserted for g in got].count(True) == 1
+    assert {(g.event.account, g.event.event_id, g.event.payload) for g in got} == {
+        ("", event.event_id, event.payload)
+    }
+    assert all(g.order == order and g.audit_head.seq == 1 for g in got)
+
+
+def test_a_reception_waiting_on_an_uncommitted_insert_returns_the_committed_row(
+    sync_stores: Callable[..., Any], db_url: str
+) -> None:
+    """The READ COMMITTED corner of PostgreSQL's one-statement receive (its snapshot predates
+    the row it waited for) and MySQL's duplicate-key wait."""
+    if _dialect(db_url) == "sqlite":
+        pytest.skip("SQLite has one writer at a time: no session waits on a row")
+    store = sync_stores(SQLPaymentStore)
+    tenant = _uid()
+    event = _inbox_event(f"evt_{tenant}")
+    engine = sa.create_engine(db_url)
+    try:
+        other = engine.connect()
+        other.begin()
+        inbox = metadata.tables["idempay_inbox"]
+        other.execute(
+            inbox.insert().values(
+                account="",
+                event_id=event.event_id,
+                type=PAID_EVENT,
+                created=1,
+                payload=b"other",
+                status="received",
+                attempts=0,
+                received_at=0,
+            )
+        )
+        outcome: list[Any] = []
+        receiver = threading.Thread(target=lambda: outcome.append(store.receive_event(event)))
+        receiver.start()
+        try:
+            _wait_until_someone_waits_for_a_lock(engine, "idempay_inbox")
+            other.commit()
+        finally:
+            receiver.join(timeout=60)
+            other.close()
+    finally:
+        engine.dispose()
+    (got,) = outcome
+    assert not got.inserted
+    assert got.event.payload == b"other"
+
+
+@pytest.mark.anyio
+async def test_the_async_webhook_steps_match_the_sync_ones(
+    async_stores: Callable[..., Any],
+) -> None:
+    store = async_stores(AsyncSQLPaymentStore)
+    tenant = _uid()
+    async with store.transaction() as tx:
+        order, _ = await tx.insert_order(tenant, "o1", NEW)
+    got = await store.receive_event(_inbox_event(f"evt_{tenant}"), tenant=tenant, order_id="o1")
+    assert (got.inserted, got.order, got.audit_head) == (True, order, AuditHead())
+    commit = EventCommit(
+        event=got.event,
+        status=InboxStatus.PROCESSED,
+        audit_head=got.audit_head,
+        order=got.order,
+        new_state=_paid(),
+        audit=(_draft(tenant, "o1"), _draft(tenant, "o1", AuditStep.DUPLICATE)),
+        effects=(NewEffect(tenant, "o1", "receipt", "paid"), NewEffect(tenant, "o1", "a", "b")),
+    )
+    written = await store.commit_event(commit)
+    assert written is not None
+    assert written.version == 2
+    with pytest.raises(ConcurrentUpdateError):
+        await store.commit_event(commit)
+    async with store.transaction() as tx:
+        assert verify_trail(await tx.audit_trail(tenant, "o1")).ok
+    assert len(await store.effects_for(tenant, "o1")) == 2

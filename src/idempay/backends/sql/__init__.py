@@ -12,10 +12,11 @@ builds one with ``from_url``::
 
 URLs: ``sqlite:///path`` (async ``sqlite+aiosqlite``), ``postgresql+psycopg://`` (sync and
 async), ``mysql+pymysql://`` (async ``mysql+aiomysql``); :func:`sync_url` and :func:`async_url`
-map one form to the other. Engines built from a URL run READ COMMITTED with ``pool_pre_ping``
-on PostgreSQL and MySQL. SQLite engines, yours included, are set to WAL with a busy timeout and
-``BEGIN IMMEDIATE`` for every transaction (SQLAlchemy's documented recipe), so that several
-processes can write one file; pass a SQLite engine before it has opened connections.
+map one form to the other. Engines built from a URL run READ COMMITTED on PostgreSQL and MySQL,
+without ``pool_pre_ping`` (pass ``pool_pre_ping=True`` to ``from_url`` to turn it on). SQLite
+engines, yours included, are set to WAL with a busy timeout and ``BEGIN IMMEDIATE`` for every
+transaction (SQLAlchemy's documented recipe), so that several processes can write one file;
+pass a SQLite engine before it has opened connections.
 
 Every time is stored as microseconds since the epoch, UTC; leases and expiry use the database
 server's clock (on SQLite, this machine's), or the ``clock`` given to a store.

@@ -1,10 +1,15 @@
 """SQL stores for SQLite, PostgreSQL and MySQL/MariaDB (async source of the sync twin).
 
 Every operation of :class:`AsyncSQLIdempotencyStore` and every dispatcher operation of
-:class:`AsyncSQLPaymentStore` is one short transaction of its own, retried whole (bounded,
-jittered) when the database reports a deadlock, a serialization failure, a lock-wait timeout or
-SQLite's busy. Driver errors never escape: they become :class:`~idempay.errors.StoreError` or
-one of its subclasses, with messages that name the operation and never a key or a payload.
+:class:`AsyncSQLPaymentStore` is one short unit of its own, retried whole (bounded, jittered)
+when the database reports a deadlock, a serialization failure, a lock-wait timeout or SQLite's
+busy. On PostgreSQL an operation that is one statement runs in autocommit: the statement is
+atomic by itself, and no BEGIN or COMMIT round trip surrounds it. Driver errors never escape:
+they become :class:`~idempay.errors.StoreError` or one of its subclasses, with messages that
+name the operation and never a key or a payload.
+
+Every statement is built once per database (see ``_statements`` and ``_webhook``); a call only
+binds its values.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from idempay._retry import DEFAULT_ATTEMPTS
 from idempay._retry import retry_async as async_retry  # unasync: remove
@@ -40,39 +44,43 @@ from idempay.backends.sql._common import (
     span,
     wrap,
 )
-from idempay.backends.sql._schema import (
-    DUE_EFFECTS_INDEX,
-    audit,
-    inbox,
-    orders,
-    outbox,
-    records,
-)
 from idempay.backends.sql._statements import (
     audit_from_row,
-    blob,
-    claim_plan,
-    clock_now,
-    database_now,
-    encode_details,
+    audit_values,
+    blob_value,
+    effect_values,
     encode_headers,
     entry_from_row,
     event_from_row,
-    greater,
+    event_values,
     order_from_row,
-    order_values,
+    outbox_statements,
+    payment_statements,
     record_from_row,
+    record_statements,
+    state_values,
+)
+from idempay.backends.sql._webhook import (
+    PG_RECEIVE,
+    PORTABLE_READ,
+    guarded_audit,
+    pg_reception,
+    pg_statement,
+    plan_commit,
+    portable_reception,
+    receive_params,
 )
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import GENESIS_HASH, AuditDraft, AuditEntry, seal
 from idempay.core.keys import validate_key
 from idempay.core.models import (
+    EventCommit,
+    EventReception,
     InboxEvent,
     InboxStatus,
     NewEffect,
     OrderRecord,
     OutboxEntry,
-    OutboxStatus,
 )
 from idempay.core.orders import OrderState
 from idempay.core.records import (
@@ -106,12 +114,51 @@ _Op: TypeAlias = Callable[["AsyncConnection"], Awaitable[T]]  # unasync: remove
 # _Op: TypeAlias = Callable[["Connection"], T]  # unasync: sync-only
 
 _READ_COMMITTED: Final = "READ COMMITTED"
-# A PostgreSQL claim that finds a row committed after its snapshot runs again at once (a new
-# statement, a new snapshot); this many rounds in a row mean something else is wrong.
-_CLAIM_ROUNDS: Final = 5
-_PENDING: Final = OutboxStatus.PENDING.value
-_ORPHAN: Final = InboxStatus.ORPHAN.value
+_AUTOCOMMIT: Final = "AUTOCOMMIT"
+# A PostgreSQL claim or receive that finds a row committed after its snapshot runs again at
+# once (a new statement, a new snapshot); this many rounds in a row mean something else is
+# wrong.
+_ROUNDS: Final = 5
+# How often a store without a clock of its own reads the database clock again for
+# transactions' now() (seconds); in between it counts on this machine's monotonic clock.
+_RESAMPLE_AFTER: Final = 60.0
 _FINISHED: Final = (InboxStatus.PROCESSED, InboxStatus.IGNORED)
+_MOVED: Final = "the order or its audit trail changed since it was read"
+
+
+class _Refusal(Exception):  # noqa: N818 - never escapes: re-raised as its ``error``
+    """A final answer carried out of a unit of work: raising it rolls the work back, and the
+    retry loop lets it through (it is no retriable error); the caller raises ``error``."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _SampledClock:
+    """The database clock as last read, carried forward on this machine's monotonic clock.
+
+    Read again at most every ``_RESAMPLE_AFTER`` seconds, on a connection the store is using
+    anyway; between two reads, the two clocks drift apart by parts per million at most.
+    """
+
+    __slots__ = ("_sample",)
+
+    def __init__(self) -> None:
+        self._sample: tuple[int, float] | None = None
+
+    def due(self) -> bool:
+        sample = self._sample
+        return sample is None or time.monotonic() - sample[1] > _RESAMPLE_AFTER
+
+    def record(self, server_us: int) -> None:
+        self._sample = (server_us, time.monotonic())
+
+    def now(self) -> datetime:
+        sample = self._sample
+        if sample is None:  # pragma: no cover - read before every transaction that needs it
+            raise StoreError("the database clock was never read")
+        return from_micros(sample[0]) + timedelta(seconds=time.monotonic() - sample[1])
 
 
 class AsyncSQLStoreBase:
@@ -125,6 +172,10 @@ class AsyncSQLStoreBase:
         self._clock: Clock | None = (
             SystemClock() if clock is None and self._kind is Kind.SQLITE else clock
         )
+        # With a clock, every statement takes its time as the ``now`` parameter; without, the
+        # server's clock is read inside the statement.
+        self._bound = self._clock is not None
+        self._sampled = _SampledClock()
         self._owns_engine = False
         # Our transactions run READ COMMITTED on PostgreSQL and MySQL whatever the engine's
         # default; an engine made by from_url is already set so (no per-checkout statement).
@@ -138,8 +189,12 @@ class AsyncSQLStoreBase:
         """Build a store on an engine of its own, which :meth:`aclose` disposes.
 
         ``url`` may name the sync or the async driver; the matching one is used. PostgreSQL
-        and MySQL engines get ``pool_pre_ping`` and READ COMMITTED unless ``engine_options``
-        say otherwise; SQLite engines WAL, a busy timeout and ``BEGIN IMMEDIATE``.
+        and MySQL engines run READ COMMITTED unless ``engine_options`` say otherwise; SQLite
+        engines WAL, a busy timeout and ``BEGIN IMMEDIATE``. Connections are not pinged when
+        checked out (a ping is one more round trip per operation): a connection the server
+        dropped fails its statement with a StoreError, and SQLAlchemy then discards the
+        pool's connections, so the next operation connects afresh. Pass
+        ``pool_pre_ping=True`` to trade that round trip for never seeing such an error.
 
         Raises:
             ConfigurationError: the URL is malformed or names an unsupported database.
@@ -152,7 +207,7 @@ class AsyncSQLStoreBase:
         options = default_engine_options(url) | engine_options
         store = cls(create_async_engine(url, **options), clock=clock)
         store._owns_engine = True
-        if options.get("isolation_level") not in (None, "AUTOCOMMIT"):
+        if options.get("isolation_level") not in (None, _AUTOCOMMIT):
             # Set on every connection already: READ COMMITTED by default, or the caller's choice
             # (stricter levels work too, with more retried serialization failures).
             store._isolation = None
@@ -180,26 +235,47 @@ class AsyncSQLStoreBase:
         await self.aclose()  # unasync: remove
         # self.close()  # unasync: sync-only
 
-    def _now(self) -> sa.ColumnElement[int]:
-        """The current time for a statement: the clock's, bound, or the server's, in SQL."""
+    def _now(self) -> dict[str, int]:
+        """The ``now`` parameter when the store has a clock; nothing when statements read the
+        server's clock themselves."""
+        return {"now": micros(self._clock.now())} if self._clock is not None else {}
+
+    async def _stamp(self, conn: AsyncConnection) -> int:
+        """The time for a value the caller must know: the clock's, or the sampled database
+        clock (read on ``conn`` when the sample is old)."""
         if self._clock is not None:
-            return clock_now(micros(self._clock.now()))
-        return database_now(self._kind)
+            return micros(self._clock.now())
+        await self._sample(conn)
+        return micros(self._sampled.now())
 
-    @asynccontextmanager
-    async def _connect(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.connect() as conn:
-            if self._isolation is not None:
-                await conn.execution_options(isolation_level=self._isolation)
-            yield conn
+    async def _sample(self, conn: AsyncConnection) -> None:
+        if self._clock is None and self._sampled.due():
+            stamp = (await conn.execute(payment_statements(self._kind).clock)).scalar_one()
+            self._sampled.record(int(stamp))
 
-    async def _run(self, what: str, op: _Op[T]) -> T:
-        """Run ``op`` in a transaction of its own, retrying transient failures."""
+    def _clock_now(self) -> datetime:
+        return self._clock.now() if self._clock is not None else self._sampled.now()
+
+    async def _run(self, what: str, op: _Op[T], *, single: bool = False) -> T:
+        """Run ``op`` on a connection of its own, retrying transient failures.
+
+        With ``single`` (``op`` sends one statement, or statements each complete by itself) it
+        runs in autocommit on PostgreSQL: no BEGIN and no COMMIT round trip. Otherwise, and on
+        SQLite and MySQL, it runs in a transaction of its own (MySQL would pay two round trips
+        to switch autocommit on and off again, more than the COMMIT it saves).
+        """
+        autocommit = single and self._kind is Kind.POSTGRESQL
 
         async def once() -> T:
             try:
-                async with self._connect() as conn, conn.begin():
-                    return await op(conn)
+                async with self._engine.connect() as conn:
+                    if autocommit:
+                        await conn.execution_options(isolation_level=_AUTOCOMMIT)
+                        return await op(conn)
+                    if self._isolation is not None:
+                        await conn.execution_options(isolation_level=self._isolation)
+                    async with conn.begin():
+                        return await op(conn)
             except sa.exc.SQLAlchemyError as error:
                 raise wrap(error, what) from error
 
@@ -210,15 +286,8 @@ def _lost() -> LeaseLostError:
     return LeaseLostError("the idempotency record is no longer held by this lease")
 
 
-def _owned_by(scope: str, key: str, lease: Lease) -> sa.ColumnElement[bool]:
-    t = records
-    return sa.and_(
-        t.c.scope == scope,
-        t.c.key == key,
-        t.c.lease_token == lease.token,
-        t.c.fence == lease.fence,
-        t.c.state == RecordState.IN_PROGRESS.value,
-    )
+def _owner(scope: str, key: str, lease: Lease) -> dict[str, Any]:
+    return {"p_scope": scope, "p_key": key, "p_token": lease.token, "p_fence": lease.fence}
 
 
 class AsyncSQLIdempotencyStore(AsyncSQLStoreBase):
@@ -227,11 +296,16 @@ class AsyncSQLIdempotencyStore(AsyncSQLStoreBase):
 
     A claim is one atomic conditional write per dialect, never a read then a write:
     PostgreSQL ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`` inside a statement
-    that also returns the row it left alone; SQLite the same upsert under ``BEGIN IMMEDIATE``;
-    MySQL/MariaDB ``INSERT ... ON DUPLICATE KEY UPDATE`` with conditional columns, read back in
-    the same transaction. Leases and expiry use the database clock (or ``clock`` when given).
-    Owner writes are fenced: they match the lease token and fence in the same ``UPDATE``.
+    that also returns the row it left alone (one round trip, in autocommit); SQLite the same
+    upsert under ``BEGIN IMMEDIATE``; MySQL/MariaDB ``INSERT ... ON DUPLICATE KEY UPDATE`` with
+    conditional columns, read back in the same transaction. Leases and expiry use the database
+    clock (or ``clock`` when given). Owner writes are fenced: they match the lease token and
+    fence in the same ``UPDATE``, which on PostgreSQL and SQLite also returns the row.
     """
+
+    def __init__(self, engine: AsyncEngine, *, clock: Clock | None = None) -> None:
+        super().__init__(engine, clock=clock)
+        self._s = record_statements(self._kind, bound=self._bound)
 
     async def claim(
         self,
@@ -245,31 +319,28 @@ class AsyncSQLIdempotencyStore(AsyncSQLStoreBase):
         validate_key(key)
         positive(lease_for, "lease_for")
         positive(retain_for, "retain_for")
-        lease_us, keep_us = span(lease_for), span(max(retain_for, lease_for))
+        s = self._s
+        params = {
+            "p_scope": scope,
+            "p_key": key,
+            "p_fingerprint": fingerprint,
+            "p_lease_us": span(lease_for),
+            "p_keep_us": span(max(retain_for, lease_for)),
+        }
 
         async def op(conn: AsyncConnection) -> ClaimResult:
-            for _ in range(_CLAIM_ROUNDS):
+            for _ in range(_ROUNDS):
                 fresh, takeover = new_token(), new_token()
-                plan = claim_plan(
-                    self._kind,
-                    scope=scope,
-                    key=key,
-                    fingerprint=fingerprint,
-                    now=self._now(),
-                    lease_us=lease_us,
-                    keep_us=keep_us,
-                    fresh=fresh,
-                    takeover=takeover,
-                )
-                result = await conn.execute(plan.write)
-                row = result.mappings().first() if plan.write_returns_rows else None
-                if row is None and plan.read is not None:
-                    row = (await conn.execute(plan.read)).mappings().first()
+                values = params | {"p_fresh": fresh, "p_takeover": takeover} | self._now()
+                result = await conn.execute(s.claim, values)
+                row = result.mappings().first() if s.claim_returns_rows else None
+                if row is None and s.claim_read is not None:
+                    row = (await conn.execute(s.claim_read, values)).mappings().first()
                 if row is not None:
                     return _claim_result(record_from_row(row), fresh, takeover)
             raise TransientStoreError("claim: kept racing concurrent writers", attempts=1)
 
-        return await self._run("claim", op)
+        return await self._run("claim", op, single=True)
 
     async def checkpoint(
         self,
@@ -280,40 +351,37 @@ class AsyncSQLIdempotencyStore(AsyncSQLStoreBase):
         recovery_point: str,
         resource_id: str | None = None,
     ) -> None:
-        values: dict[str, Any] = {"recovery_point": recovery_point}
-        if resource_id is not None:
-            values["resource_id"] = resource_id
-        stmt = sa.update(records).where(_owned_by(scope, key, lease)).values(values)
+        params = _owner(scope, key, lease) | {
+            "p_recovery_point": recovery_point,
+            "p_resource_id": resource_id,
+        }
 
         async def op(conn: AsyncConnection) -> None:
-            if (await conn.execute(stmt)).rowcount != 1:
+            if (await conn.execute(self._s.checkpoint, params)).rowcount != 1:
                 raise _lost()
 
-        await self._run("checkpoint", op)
+        await self._run("checkpoint", op, single=True)
 
     async def extend(self, scope: str, key: str, lease: Lease, *, lease_for: timedelta) -> Lease:
         positive(lease_for, "lease_for")
-        t = records
+        s = self._s
+        params = _owner(scope, key, lease) | {"p_lease_us": span(lease_for)}
 
         async def op(conn: AsyncConnection) -> Lease:
-            until = self._now() + span(lease_for)
-            stmt = (
-                sa.update(t)
-                .where(_owned_by(scope, key, lease))
-                .values(lease_expires_at=until, expires_at=greater(t.c.expires_at, until))
-            )
-            if conn.dialect.update_returning:
-                expires = (await conn.execute(stmt.returning(t.c.lease_expires_at))).scalar()
-            else:
-                if (await conn.execute(stmt)).rowcount != 1:
+            result = await conn.execute(s.extend, params | self._now())
+            if self._kind is Kind.MYSQL:
+                if result.rowcount != 1:
                     raise _lost()
-                read = sa.select(t.c.lease_expires_at).where(t.c.scope == scope, t.c.key == key)
-                expires = (await conn.execute(read)).scalar()
+                row = (await conn.execute(s.read, params)).mappings().first()
+                expires = row["lease_expires_at"] if row is not None else None
+            else:
+                expires = result.scalar()
             if expires is None:
                 raise _lost()
             return replace(lease, expires_at=from_micros(expires))
 
-        return await self._run("extend", op)
+        # MySQL reads the row back: that read must see our own write.
+        return await self._run("extend", op, single=self._kind is not Kind.MYSQL)
 
     async def complete(
         self,
@@ -325,87 +393,56 @@ class AsyncSQLIdempotencyStore(AsyncSQLStoreBase):
         failed: bool = False,
     ) -> IdempotencyRecord:
         state = RecordState.FAILED if failed else RecordState.COMPLETED
-        stmt = (
-            sa.update(records)
-            .where(_owned_by(scope, key, lease))
-            .values(
-                state=state.value,
-                lease_token=None,
-                lease_expires_at=None,
-                response_status=response.status,
-                response_body=blob(self._kind, response.body),
-                response_content_type=response.content_type,
-                response_headers=encode_headers(response.headers),
-            )
-        )
-        return await self._update_and_read("complete", stmt, scope, key)
-
-    async def release(self, scope: str, key: str, lease: Lease, *, discard: bool = False) -> None:
-        owned = _owned_by(scope, key, lease)
-        stmt: sa.Delete | sa.Update = (
-            sa.delete(records).where(owned)
-            if discard
-            else sa.update(records)
-            .where(owned)
-            .values(state=RecordState.UNKNOWN.value, lease_token=None, lease_expires_at=None)
-        )
-
-        async def op(conn: AsyncConnection) -> None:
-            if (await conn.execute(stmt)).rowcount != 1:
-                raise _lost()
-
-        await self._run("release", op)
-
-    async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        t = records
-
-        async def op(conn: AsyncConnection) -> IdempotencyRecord | None:
-            stmt = sa.select(*t.c).where(
-                t.c.scope == scope, t.c.key == key, t.c.expires_at > self._now()
-            )
-            row = (await conn.execute(stmt)).mappings().first()
-            return record_from_row(row) if row is not None else None
-
-        return await self._run("get", op)
-
-    async def purge_expired(self, *, limit: int = 1000) -> int:
-        if limit <= 0:
-            return 0
-        t = records
-
-        async def op(conn: AsyncConnection) -> int:
-            doomed = sa.select(t.c.scope, t.c.key).where(t.c.expires_at <= self._now()).limit(limit)
-            if self._kind is Kind.POSTGRESQL:
-                # Two purgers (or a purger and a claim) never wait on each other's rows.
-                doomed = doomed.with_for_update(skip_locked=True)
-            # The LIMIT sits in a derived table: MySQL refuses it in an IN subquery, and
-            # refuses a subquery on the table being deleted from unless it is materialised.
-            batch = doomed.subquery()
-            stmt = sa.delete(t).where(
-                sa.tuple_(t.c.scope, t.c.key).in_(sa.select(batch.c.scope, batch.c.key))
-            )
-            return int((await conn.execute(stmt)).rowcount)
-
-        return await self._run("purge_expired", op)
-
-    async def _update_and_read(
-        self, what: str, stmt: sa.Update, scope: str, key: str
-    ) -> IdempotencyRecord:
-        t = records
+        params = _owner(scope, key, lease) | {
+            "p_state": state.value,
+            "p_status": response.status,
+            "p_body": blob_value(self._kind, response.body),
+            "p_content_type": response.content_type,
+            "p_headers": encode_headers(response.headers),
+        }
+        s = self._s
 
         async def op(conn: AsyncConnection) -> IdempotencyRecord:
-            if conn.dialect.update_returning:
-                row = (await conn.execute(stmt.returning(*t.c))).mappings().first()
-            else:
-                if (await conn.execute(stmt)).rowcount != 1:
+            result = await conn.execute(s.complete, params)
+            if self._kind is Kind.MYSQL:
+                if result.rowcount != 1:
                     raise _lost()
-                read = sa.select(*t.c).where(t.c.scope == scope, t.c.key == key)
-                row = (await conn.execute(read)).mappings().first()
+                row = (await conn.execute(s.read, params)).mappings().first()
+            else:
+                row = result.mappings().first()
             if row is None:
                 raise _lost()
             return record_from_row(row)
 
-        return await self._run(what, op)
+        return await self._run("complete", op, single=self._kind is not Kind.MYSQL)
+
+    async def release(self, scope: str, key: str, lease: Lease, *, discard: bool = False) -> None:
+        stmt = self._s.discard if discard else self._s.release
+        params = _owner(scope, key, lease)
+
+        async def op(conn: AsyncConnection) -> None:
+            if (await conn.execute(stmt, params)).rowcount != 1:
+                raise _lost()
+
+        await self._run("release", op, single=True)
+
+    async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        async def op(conn: AsyncConnection) -> IdempotencyRecord | None:
+            params = {"p_scope": scope, "p_key": key} | self._now()
+            row = (await conn.execute(self._s.get, params)).mappings().first()
+            return record_from_row(row) if row is not None else None
+
+        return await self._run("get", op, single=True)
+
+    async def purge_expired(self, *, limit: int = 1000) -> int:
+        if limit <= 0:
+            return 0
+
+        async def op(conn: AsyncConnection) -> int:
+            result = await conn.execute(self._s.purge, {"p_limit": limit} | self._now())
+            return int(result.rowcount)
+
+        return await self._run("purge_expired", op, single=True)
 
 
 def _claim_result(record: IdempotencyRecord, fresh: str, takeover: str) -> ClaimResult:
@@ -420,21 +457,21 @@ def _claim_result(record: IdempotencyRecord, fresh: str, takeover: str) -> Claim
 # --- orders, inbox, audit, outbox ------------------------------------------------------------
 
 
-def _order_key(tenant: str, order_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(orders.c.tenant == tenant, orders.c.order_id == order_id)
+async def _insert_row(
+    conn: AsyncConnection, kind: Kind, stmt: sa.Executable, params: dict[str, Any]
+) -> bool:
+    """Run an insert-unless-present statement; True if it inserted the row.
 
-
-def _event_key(account: str, event_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(inbox.c.account == account, inbox.c.event_id == event_id)
-
-
-def _effect_key(entry: OutboxEntry) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        outbox.c.tenant == entry.tenant,
-        outbox.c.order_id == entry.order_id,
-        outbox.c.effect == entry.effect,
-        outbox.c.discriminator == entry.discriminator,
-    )
+    On MySQL a duplicate key fails the statement (not the transaction) and means False: the
+    caller reads the row back to tell which key it was.
+    """
+    try:
+        result = await conn.execute(stmt, params)
+    except sa.exc.IntegrityError as error:
+        if kind is Kind.MYSQL and is_unique_violation(error):
+            return False
+        raise
+    return True if kind is Kind.MYSQL else result.first() is not None
 
 
 class AsyncSQLTransaction:
@@ -450,14 +487,12 @@ class AsyncSQLTransaction:
         connection: AsyncConnection,
         kind: Kind,
         *,
-        clock: Clock | None,
-        started: datetime | None,
+        now: Callable[[], datetime],
     ) -> None:
         self._conn = connection
         self._kind = kind
-        self._clock = clock
-        self._started = started
-        self._since = time.monotonic()
+        self._s = payment_statements(kind)
+        self._clock = now
 
     @property
     def connection(self) -> AsyncConnection:
@@ -465,13 +500,10 @@ class AsyncSQLTransaction:
         return self._conn
 
     def now(self) -> datetime:
-        """The store's clock, or the database clock read when the transaction began plus the
-        time elapsed since (measured here, so it never runs ahead of the server)."""
-        if self._clock is not None:
-            return self._clock.now()
-        if self._started is None:  # pragma: no cover - set whenever no clock is
-            raise StoreError("the transaction has no clock")
-        return self._started + timedelta(seconds=time.monotonic() - self._since)
+        """The store's clock, or the database clock: read by the store at most a minute ago,
+        plus the time elapsed since on this machine's monotonic clock (so it never runs ahead
+        of the server by more than the two clocks' drift over that minute)."""
+        return self._clock()
 
     def _stamp(self) -> int:
         return micros(self.now())
@@ -484,57 +516,16 @@ class AsyncSQLTransaction:
         except sa.exc.SQLAlchemyError as error:
             raise wrap(error, what) from error
 
-    async def _first(self, what: str, stmt: sa.Select[Any]) -> sa.RowMapping | None:
-        return (await self._execute(what, stmt)).mappings().first()
+    async def _first(
+        self, what: str, stmt: sa.Executable, params: dict[str, Any]
+    ) -> sa.RowMapping | None:
+        return (await self._execute(what, stmt, params)).mappings().first()
 
-    def _fallback(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
-        # On MySQL a row another transaction committed after ours began is only certain to be
-        # seen by a locking read (under REPEATABLE READ, when the caller's transaction is
-        # joined). A shared lock: it never waits on other readers of the same row.
-        return stmt.with_for_update(read=True) if self._kind is Kind.MYSQL else stmt
-
-    async def _insert_new(
-        self, what: str, table: sa.Table, row: dict[str, Any], *, guard: bool = False
-    ) -> bool:
-        """Insert ``row`` unless its primary key exists; True if this call inserted it.
-
-        A duplicate of another unique key (an order's PaymentIntent) raises
-        ConcurrentUpdateError. With ``guard`` on PostgreSQL the insert runs in a savepoint, so
-        that such a failure leaves the transaction usable (elsewhere it only fails the
-        statement).
-        """
-        pk = list(table.primary_key.columns)
-        stmt: sa.Executable
-        if self._kind is Kind.POSTGRESQL:
-            upsert_pg = postgresql.insert(table).values(row)
-            stmt = upsert_pg.on_conflict_do_nothing(index_elements=pk).returning(pk[0])
-        elif self._kind is Kind.SQLITE:
-            upsert_lite = sqlite.insert(table).values(row)
-            stmt = upsert_lite.on_conflict_do_nothing(index_elements=pk).returning(pk[0])
-        else:
-            # MySQL: a plain INSERT, the duplicate caught. ON DUPLICATE KEY UPDATE cannot tell
-            # an insert from a no-op (the driver counts matched rows), and INSERT IGNORE would
-            # also swallow truncation and bad values.
-            stmt = sa.insert(table).values(row)
+    async def _insert_new(self, what: str, stmt: sa.Executable, params: dict[str, Any]) -> bool:
         try:
-            if guard and self._kind is Kind.POSTGRESQL:
-                async with self._savepoint(what):
-                    result = await self._conn.execute(stmt)
-            else:
-                result = await self._conn.execute(stmt)
-        except sa.exc.IntegrityError as error:
-            if not is_unique_violation(error):
-                raise wrap(error, what) from error
-            if self._kind is Kind.MYSQL:
-                return False
-            raise ConcurrentUpdateError(
-                "this PaymentIntent already belongs to another order"
-            ) from error
+            return await _insert_row(self._conn, self._kind, stmt, params)
         except sa.exc.SQLAlchemyError as error:
             raise wrap(error, what) from error
-        if self._kind is Kind.MYSQL:
-            return True
-        return result.first() is not None
 
     @asynccontextmanager
     async def _savepoint(self, what: str) -> AsyncIterator[None]:
@@ -559,22 +550,15 @@ class AsyncSQLTransaction:
         self, tenant: str, order_id: str, state: OrderState
     ) -> tuple[OrderRecord, bool]:
         stamp = self._stamp()
-        row = {
-            "tenant": tenant,
-            "order_id": order_id,
-            **order_values(state),
-            "version": 1,
-            "created_at": stamp,
-            "updated_at": stamp,
-        }
-        guard = state.payment_intent_id is not None
-        if await self._insert_new("insert_order", orders, row, guard=guard):
+        key = {"p_tenant": tenant, "p_order_id": order_id}
+        # Any duplicate (the order's key, or its PaymentIntent's) inserts nothing; the read
+        # below tells which.
+        if await self._insert_new(
+            "insert_order", self._s.insert_order, key | state_values(state) | {"now": stamp}
+        ):
             moment = from_micros(stamp)
             return OrderRecord(tenant, order_id, state, 1, moment, moment), True
-        existing = await self._first(
-            "insert_order",
-            self._fallback(sa.select(*orders.c).where(_order_key(tenant, order_id))),
-        )
+        existing = await self._first("insert_order", self._s.get_order_locked, key)
         if existing is None:
             # The duplicate was the PaymentIntent's, not the order's.
             raise ConcurrentUpdateError("this PaymentIntent already belongs to another order")
@@ -582,33 +566,36 @@ class AsyncSQLTransaction:
 
     async def get_order(self, tenant: str, order_id: str) -> OrderRecord | None:
         row = await self._first(
-            "get_order", sa.select(*orders.c).where(_order_key(tenant, order_id))
+            "get_order", self._s.get_order, {"p_tenant": tenant, "p_order_id": order_id}
         )
         return order_from_row(row) if row is not None else None
 
     async def find_order_by_payment_intent(self, payment_intent_id: str) -> OrderRecord | None:
-        stmt = sa.select(*orders.c).where(orders.c.payment_intent_id == payment_intent_id)
-        row = await self._first("find_order_by_payment_intent", stmt)
+        row = await self._first(
+            "find_order_by_payment_intent",
+            self._s.order_by_intent,
+            {"p_payment_intent_id": payment_intent_id},
+        )
         return order_from_row(row) if row is not None else None
 
     async def update_order(self, record: OrderRecord, state: OrderState) -> OrderRecord:
         stamp = self._stamp()
-        stmt = (
-            sa.update(orders)
-            .where(
-                _order_key(record.tenant, record.order_id),
-                orders.c.version == record.version,
-            )
-            .values(**order_values(state), version=orders.c.version + 1, updated_at=stamp)
-        )
+        params = state_values(state) | {
+            "k_tenant": record.tenant,
+            "k_order_id": record.order_id,
+            "k_version": record.version,
+            "now": stamp,
+        }
         intent = state.payment_intent_id
+        # A duplicate PaymentIntent aborts a PostgreSQL transaction: a savepoint keeps it
+        # usable, at the cost of two round trips, only when the PaymentIntent changes.
         guard = intent is not None and intent != record.state.payment_intent_id
         try:
             if guard and self._kind is Kind.POSTGRESQL:
                 async with self._savepoint("update_order"):
-                    result = await self._conn.execute(stmt)
+                    result = await self._conn.execute(self._s.update_order, params)
             else:
-                result = await self._conn.execute(stmt)
+                result = await self._conn.execute(self._s.update_order, params)
         except sa.exc.IntegrityError as error:
             if is_unique_violation(error):
                 raise ConcurrentUpdateError(
@@ -624,34 +611,20 @@ class AsyncSQLTransaction:
         )
 
     async def insert_event(self, event: InboxEvent) -> tuple[InboxEvent, bool]:
-        row = {
-            "account": event.account,
-            "event_id": event.event_id,
-            "type": event.type,
-            "created": event.created,
-            "payload": blob(self._kind, event.payload),
-            "status": event.status.value,
-            "object_id": event.object_id,
-            "payment_intent_id": event.payment_intent_id,
-            "order_id": event.order_id,
-            "attempts": event.attempts,
-            "received_at": micros(event.received_at),
-            "processed_at": micros(event.processed_at) if event.processed_at else None,
-            "error": event.error,
-        }
-        if await self._insert_new("insert_event", inbox, row):
+        if await self._insert_new(
+            "insert_event", self._s.insert_event, event_values(self._kind, event)
+        ):
             return event, True
-        stmt = self._fallback(sa.select(*inbox.c).where(_event_key(event.account, event.event_id)))
-        existing = await self._first("insert_event", stmt)
+        key = {"p_account": event.account, "p_event_id": event.event_id}
+        existing = await self._first("insert_event", self._s.get_event_locked, key)
         if existing is None:
             # Deleted between the conflict and the read (a purge): let the caller retry.
             raise ConcurrentUpdateError("the inbox event changed while it was inserted")
         return event_from_row(existing), False
 
     async def get_event(self, account: str, event_id: str) -> InboxEvent | None:
-        row = await self._first(
-            "get_event", sa.select(*inbox.c).where(_event_key(account, event_id))
-        )
+        key = {"p_account": account, "p_event_id": event_id}
+        row = await self._first("get_event", self._s.get_event, key)
         return event_from_row(row) if row is not None else None
 
     async def set_event_status(
@@ -663,28 +636,22 @@ class AsyncSQLTransaction:
         error: str | None = None,
         order_id: str | None = None,
     ) -> InboxEvent:
-        values: dict[str, Any] = {
-            "status": status.value,
-            "attempts": inbox.c.attempts + 1,
-            "error": error,
+        key = {"p_account": account, "p_event_id": event_id}
+        params = key | {
+            "p_status": status.value,
+            "p_error": error,
+            "p_order_id": order_id,
+            "now": self._stamp(),
         }
-        if order_id is not None:
-            values["order_id"] = order_id
-        if status in _FINISHED:
-            values["processed_at"] = self._stamp()
-        stmt = sa.update(inbox).where(_event_key(account, event_id)).values(values)
-        if self._conn.dialect.update_returning:
-            row = (
-                (await self._execute("set_event_status", stmt.returning(*inbox.c)))
-                .mappings()
-                .first()
-            )
-        elif (await self._execute("set_event_status", stmt)).rowcount != 1:
+        returning = self._kind is not Kind.MYSQL
+        stmt = self._s.set_status[(status in _FINISHED, returning)]
+        result = await self._execute("set_event_status", stmt, params)
+        if returning:
+            row = result.mappings().first()
+        elif result.rowcount != 1:
             row = None
         else:
-            row = await self._first(
-                "set_event_status", sa.select(*inbox.c).where(_event_key(account, event_id))
-            )
+            row = await self._first("set_event_status", self._s.get_event, key)
         if row is None:
             raise StoreError("no such inbox event")
         return event_from_row(row)
@@ -692,51 +659,22 @@ class AsyncSQLTransaction:
     async def orphans_for(
         self, *, payment_intent_id: str | None, order_id: str | None, limit: int = 100
     ) -> Sequence[InboxEvent]:
-        hints = []
-        if payment_intent_id is not None:
-            hints.append(inbox.c.payment_intent_id == payment_intent_id)
-        if order_id is not None:
-            hints.append(inbox.c.order_id == order_id)
-        if not hints or limit <= 0:
+        hints = (payment_intent_id is not None, order_id is not None)
+        if not any(hints) or limit <= 0:
             return []
-        stmt = (
-            sa.select(*inbox.c)
-            .where(inbox.c.status == _ORPHAN, sa.or_(*hints))
-            .order_by(inbox.c.created, inbox.c.received_at, inbox.c.event_id)
-            .limit(limit)
+        params = {"p_payment_intent_id": payment_intent_id, "p_order_id": order_id}
+        result = await self._execute(
+            "orphans_for", self._s.orphans[hints], params | {"p_limit": limit}
         )
-        rows = (await self._execute("orphans_for", stmt)).mappings().all()
-        return [event_from_row(row) for row in rows]
+        return [event_from_row(row) for row in result.mappings().all()]
 
     async def append_audit(self, draft: AuditDraft) -> AuditEntry:
-        last = (
-            await self._execute(
-                "append_audit",
-                sa.select(audit.c.seq, audit.c.hash)
-                .where(audit.c.tenant == draft.tenant, audit.c.order_id == draft.order_id)
-                .order_by(audit.c.seq.desc())
-                .limit(1),
-            )
-        ).first()
+        key = {"p_tenant": draft.tenant, "p_order_id": draft.order_id}
+        last = (await self._execute("append_audit", self._s.audit_head, key)).first()
         seq, prev_hash = (last.seq + 1, last.hash) if last is not None else (1, GENESIS_HASH)
         entry = seal(draft, seq=seq, prev_hash=prev_hash)
-        row = {
-            "tenant": entry.tenant,
-            "order_id": entry.order_id,
-            "seq": entry.seq,
-            "step": entry.step.value,
-            "source": entry.source.value,
-            "at": micros(entry.at),
-            "from_status": entry.from_status,
-            "to_status": entry.to_status,
-            "event_id": entry.event_id,
-            "key_digest": entry.key_digest,
-            "details": encode_details(entry.details),
-            "prev_hash": entry.prev_hash,
-            "hash": entry.hash,
-        }
         try:
-            await self._conn.execute(sa.insert(audit).values(row))
+            await self._conn.execute(self._s.insert_audit, audit_values(entry))
         except sa.exc.IntegrityError as error:
             if is_unique_violation(error):
                 raise ConcurrentUpdateError(
@@ -748,32 +686,13 @@ class AsyncSQLTransaction:
         return entry
 
     async def audit_trail(self, tenant: str, order_id: str) -> Sequence[AuditEntry]:
-        stmt = (
-            sa.select(*audit.c)
-            .where(audit.c.tenant == tenant, audit.c.order_id == order_id)
-            .order_by(audit.c.seq)
-        )
-        rows = (await self._execute("audit_trail", stmt)).mappings().all()
-        return [audit_from_row(row) for row in rows]
+        params = {"p_tenant": tenant, "p_order_id": order_id}
+        result = await self._execute("audit_trail", self._s.audit_trail, params)
+        return [audit_from_row(row) for row in result.mappings().all()]
 
     async def enqueue_effect(self, effect: NewEffect) -> bool:
-        stamp = self._stamp()
-        row = {
-            "tenant": effect.tenant,
-            "order_id": effect.order_id,
-            "effect": effect.effect,
-            "discriminator": effect.discriminator,
-            "payload": effect.payload,
-            "status": _PENDING,
-            "attempts": 0,
-            "created_at": stamp,
-            "next_attempt_at": stamp,
-            "last_error": None,
-            "lease_token": None,
-            "lease_fence": 0,
-            "lease_expires_at": None,
-        }
-        return await self._insert_new("enqueue_effect", outbox, row)
+        params = effect_values(effect) | {"now": self._stamp()}
+        return await self._insert_new("enqueue_effect", self._s.enqueue, params)
 
 
 class AsyncSQLPaymentStore(AsyncSQLStoreBase):
@@ -784,9 +703,18 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
     every race, and outbox dispatchers lease entries with ``FOR UPDATE SKIP LOCKED``
     (PostgreSQL, MySQL 8, MariaDB 10.6+) or under SQLite's single writer.
 
+    :meth:`receive_event` and :meth:`commit_event` are the webhook's two steps: on PostgreSQL
+    each is ONE statement in autocommit (one round trip); on SQLite and MySQL each is one short
+    transaction of two (receive) or four (commit) statements.
+
     Pass your own connection to :meth:`transaction` to run inside your transaction (with the
     ORM, ``session.connection()``; with an ``AsyncSession``, ``await session.connection()``).
     """
+
+    def __init__(self, engine: AsyncEngine, *, clock: Clock | None = None) -> None:
+        super().__init__(engine, clock=clock)
+        self._s = payment_statements(self._kind)
+        self._o = outbox_statements(self._kind, bound=self._bound)
 
     @asynccontextmanager
     async def transaction(
@@ -859,11 +787,9 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
             raise wrap(error, "commit") from error
 
     async def _open(self, conn: AsyncConnection, kind: Kind) -> AsyncSQLTransaction:
-        started = None
-        if self._clock is None:
-            stamp = (await conn.execute(sa.select(database_now(kind)))).scalar_one()
-            started = from_micros(stamp)
-        return AsyncSQLTransaction(conn, kind, clock=self._clock, started=started)
+        # No statement here, as a rule: the database clock is read at most once a minute.
+        await self._sample(conn)
+        return AsyncSQLTransaction(conn, kind, now=self._clock_now)
 
     async def run_transaction(
         self,
@@ -882,31 +808,126 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
 
         return await async_retry(once, attempts=attempts)
 
+    # --- the webhook's two steps -------------------------------------------------------------
+
+    async def receive_event(
+        self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
+    ) -> EventReception:
+        """See :meth:`idempay.protocols.AsyncPaymentStore.receive_event`.
+
+        PostgreSQL: one statement in autocommit (the insert, the order and the trail's end
+        read in its snapshot). SQLite and MySQL: the insert and one read, in one transaction.
+        """
+        params = receive_params(self._kind, event, tenant, order_id)
+        if self._kind is Kind.POSTGRESQL:
+
+            async def one_statement(conn: AsyncConnection) -> EventReception:
+                for _ in range(_ROUNDS):
+                    row = (await conn.execute(PG_RECEIVE, params)).mappings().one()
+                    got = pg_reception(event, row)
+                    if got is not None:
+                        return got
+                raise TransientStoreError(
+                    "receive_event: kept racing concurrent writers", attempts=1
+                )
+
+            return await self._run("receive_event", one_statement, single=True)
+
+        async def transaction(conn: AsyncConnection) -> EventReception:
+            inserted = await _insert_row(conn, self._kind, self._s.insert_event, params)
+            found = params | {"want_event": 0 if inserted else 1}
+            row = (await conn.execute(PORTABLE_READ, found)).mappings().one()
+            got = portable_reception(event, row, inserted=inserted)
+            if got is None:
+                # Deleted between the conflict and the read (a purge): run it again.
+                raise TransientStoreError("receive_event: the inbox event vanished", attempts=1)
+            return got
+
+        return await self._run("receive_event", transaction)
+
+    async def commit_event(self, commit: EventCommit) -> OrderRecord | None:
+        """See :meth:`idempay.protocols.AsyncPaymentStore.commit_event`.
+
+        The audit drafts are sealed here, after ``commit.audit_head``. PostgreSQL: one
+        statement in autocommit whose every write is conditional on the compare-and-set and on
+        the trail still ending at the head. SQLite and MySQL: one transaction (compare-and-set,
+        guarded audit insert, outbox insert, inbox update), rolled back on the first refusal.
+        A transient failure is retried whole; a refusal is not (the caller must read again).
+
+        Raises:
+            ConcurrentUpdateError: the order or its trail moved; nothing was written.
+            ConfigurationError: the audit drafts are not all of the commit's order.
+            StoreError: the event is not in the inbox; nothing was written.
+        """
+        plan = plan_commit(commit)
+        if self._kind is Kind.POSTGRESQL:
+            stmt, params = pg_statement(plan, bound=self._bound)
+
+            async def one_statement(conn: AsyncConnection) -> OrderRecord | None:
+                try:
+                    result = await conn.execute(stmt, params | self._now())
+                except sa.exc.IntegrityError as error:
+                    if is_unique_violation(error):
+                        raise _Refusal(ConcurrentUpdateError(_MOVED)) from error
+                    raise
+                row = result.mappings().one()
+                if row["done"] != 1:
+                    raise _Refusal(
+                        ConcurrentUpdateError(_MOVED)
+                        if row["known"]
+                        else StoreError("no such inbox event")
+                    )
+                return order_from_row(row["order_row"]) if plan.update else commit.order
+
+            op: _Op[OrderRecord | None] = one_statement
+        else:
+            s, audit_insert = self._s, guarded_audit(self._kind)
+
+            async def transaction(conn: AsyncConnection) -> OrderRecord | None:
+                now = {"now": await self._stamp(conn)}
+                try:
+                    if plan.update:
+                        result = await conn.execute(s.update_order, plan.params | now)
+                        if result.rowcount != 1:
+                            raise _Refusal(ConcurrentUpdateError(_MOVED))
+                    for entry in plan.entries:
+                        if (await conn.execute(audit_insert, entry)).rowcount != 1:
+                            raise _Refusal(ConcurrentUpdateError(_MOVED))
+                except sa.exc.IntegrityError as error:
+                    if is_unique_violation(error):
+                        raise _Refusal(ConcurrentUpdateError(_MOVED)) from error
+                    raise
+                if plan.effects:
+                    await conn.execute(s.enqueue_ignoring, [e | now for e in plan.effects])
+                done = await conn.execute(s.set_status[(plan.finished, False)], plan.status | now)
+                if done.rowcount != 1:
+                    raise _Refusal(StoreError("no such inbox event"))
+                if commit.order is None or commit.new_state is None:
+                    return commit.order
+                return replace(
+                    commit.order,
+                    state=commit.new_state,
+                    version=commit.order.version + 1,
+                    updated_at=from_micros(now["now"]),
+                )
+
+            op = transaction
+        try:
+            return await self._run("commit_event", op, single=True)
+        except _Refusal as refusal:
+            raise refusal.error from refusal.__cause__
+
+    # --- the outbox dispatcher ---------------------------------------------------------------
+
     async def claim_due_effects(self, *, limit: int, lease_for: timedelta) -> Sequence[OutboxEntry]:
         positive(lease_for, "lease_for")
         if limit <= 0:
             return []
-        t = outbox
         lease_us = span(lease_for)
+        o = self._o
 
         async def op(conn: AsyncConnection) -> list[OutboxEntry]:
-            now = self._now()
-            due = (
-                sa.select(*t.c, now.label("now_us"))
-                .where(
-                    t.c.status == _PENDING,
-                    t.c.next_attempt_at <= now,
-                    sa.or_(t.c.lease_token.is_(None), t.c.lease_expires_at <= now),
-                )
-                .order_by(t.c.next_attempt_at, t.c.created_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            if self._kind is Kind.MYSQL:
-                # Without the index's order InnoDB sorts, and locks every due row it read
-                # first: concurrent dispatchers would then find them all taken.
-                due = due.with_hint(t, f"FORCE INDEX ({DUE_EFFECTS_INDEX})", conn.dialect.name)
-            rows = (await conn.execute(due)).mappings().all()
+            rows = (await conn.execute(o.due, {"p_limit": limit} | self._now())).mappings().all()
             if not rows:
                 return []
             leased, params = [], []
@@ -919,79 +940,58 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
                 )
                 leased.append(replace(entry, attempts=entry.attempts + 1, lease=lease))
                 params.append(
-                    {
-                        "k_tenant": entry.tenant,
-                        "k_order_id": entry.order_id,
-                        "k_effect": entry.effect,
-                        "k_discriminator": entry.discriminator,
-                        "v_token": lease.token,
-                        "v_fence": lease.fence,
-                        "v_attempts": entry.attempts + 1,
-                        "v_expires": micros(lease.expires_at),
+                    _effect_key(entry)
+                    | {
+                        "p_new_token": lease.token,
+                        "p_new_fence": lease.fence,
+                        "p_new_attempts": entry.attempts + 1,
+                        "p_new_expires": micros(lease.expires_at),
                     }
                 )
-            stamp = (
-                sa.update(t)
-                .where(
-                    t.c.tenant == sa.bindparam("k_tenant"),
-                    t.c.order_id == sa.bindparam("k_order_id"),
-                    t.c.effect == sa.bindparam("k_effect"),
-                    t.c.discriminator == sa.bindparam("k_discriminator"),
-                )
-                .values(
-                    lease_token=sa.bindparam("v_token"),
-                    lease_fence=sa.bindparam("v_fence"),
-                    attempts=sa.bindparam("v_attempts"),
-                    lease_expires_at=sa.bindparam("v_expires"),
-                )
-            )
-            await conn.execute(stamp, params)
+            await conn.execute(o.lease, params)
             return leased
 
         return await self._run("claim_due_effects", op)
 
     async def finish_effect(self, entry: OutboxEntry) -> None:
-        await self._settle(
-            "finish_effect",
-            entry,
-            {"status": OutboxStatus.DONE.value, "last_error": None},
-        )
+        await self._settle("finish_effect", entry, (True, False), {})
 
     async def fail_effect(
         self, entry: OutboxEntry, *, error: str, retry_at: datetime | None
     ) -> None:
-        values: dict[str, Any] = {"last_error": error}
-        if retry_at is None:
-            values["status"] = OutboxStatus.DEAD.value
-        else:
-            values["status"] = _PENDING
-            values["next_attempt_at"] = micros(retry_at)
-        await self._settle("fail_effect", entry, values)
+        values: dict[str, Any] = {"p_error": error}
+        if retry_at is not None:
+            values["p_retry_at"] = micros(retry_at)
+        await self._settle("fail_effect", entry, (False, retry_at is None), values)
 
-    async def _settle(self, what: str, entry: OutboxEntry, values: dict[str, Any]) -> None:
+    async def _settle(
+        self, what: str, entry: OutboxEntry, outcome: tuple[bool, bool], values: dict[str, Any]
+    ) -> None:
         if entry.lease is None:
             raise LeaseLostError("the outbox entry was not leased to this dispatcher")
-        stmt = (
-            sa.update(outbox)
-            .where(_effect_key(entry), outbox.c.lease_token == entry.lease.token)
-            .values({**values, "lease_token": None, "lease_expires_at": None})
-        )
+        stmt = self._o.settle[outcome]
+        params = _effect_key(entry) | {"p_token": entry.lease.token} | values
 
         async def op(conn: AsyncConnection) -> None:
-            if (await conn.execute(stmt)).rowcount != 1:
+            if (await conn.execute(stmt, params)).rowcount != 1:
                 raise LeaseLostError("the outbox entry is no longer held by this dispatcher")
 
-        await self._run(what, op)
+        await self._run(what, op, single=True)
 
     async def effects_for(self, tenant: str, order_id: str) -> Sequence[OutboxEntry]:
-        t = outbox
-        stmt = (
-            sa.select(*t.c)
-            .where(t.c.tenant == tenant, t.c.order_id == order_id)
-            .order_by(t.c.created_at, t.c.effect, t.c.discriminator)
-        )
+        params = {"p_tenant": tenant, "p_order_id": order_id}
 
         async def op(conn: AsyncConnection) -> list[OutboxEntry]:
-            return [entry_from_row(row) for row in (await conn.execute(stmt)).mappings().all()]
+            rows = (await conn.execute(self._o.effects_for, params)).mappings().all()
+            return [entry_from_row(row) for row in rows]
 
-        return await self._run("effects_for", op)
+        return await self._run("effects_for", op, single=True)
+
+
+def _effect_key(entry: OutboxEntry) -> dict[str, Any]:
+    return {
+        "p_tenant": entry.tenant,
+        "p_order_id": entry.order_id,
+        "p_effect": entry.effect,
+        "p_discriminator": entry.discriminator,
+    }

@@ -144,17 +144,22 @@ def require_driver(url: str) -> None:
 def default_engine_options(url: str) -> dict[str, Any]:
     """Engine options for an engine idempay creates from a URL.
 
-    PostgreSQL and MySQL connections check themselves out with a ping (a server restart costs
-    one reconnect, not an error) and run READ COMMITTED, where the store's statements need no
+    PostgreSQL and MySQL connections run READ COMMITTED, where the store's statements need no
     gap locks and every statement reads the latest committed rows. MySQL sessions are also
     made strict, so that a value too long for its column is refused rather than truncated
     (the server default since MySQL 5.7 and MariaDB 10.2.4; this holds on a server set
     otherwise too).
+
+    No ``pool_pre_ping``: it costs a round trip on every checkout, that is on every store
+    operation. A connection the server dropped instead fails the statement it was running
+    (a StoreError), and SQLAlchemy, recognising the disconnect, discards every pooled
+    connection, so the next operation connects afresh. Pass ``pool_pre_ping=True`` to
+    ``from_url`` to pay the round trip instead.
     """
     family = _FAMILIES.get(sa.make_url(url).get_backend_name())
     if family == "sqlite":
         return {}
-    options: dict[str, Any] = {"pool_pre_ping": True, "isolation_level": "READ COMMITTED"}
+    options: dict[str, Any] = {"isolation_level": "READ COMMITTED"}
     if family == "mysql":
         options["connect_args"] = {"init_command": _MYSQL_STRICT}
     return options

@@ -1,4 +1,11 @@
-"""The statements of the SQL stores, per dialect where they must differ, and row conversions.
+"""The statements of the SQL stores, built once per dialect, and the conversions of their rows.
+
+Every statement is built once (per database family, and per way of reading the time) with
+:func:`sqlalchemy.bindparam` placeholders, and its values are passed when it runs: SQLAlchemy
+then finds the compiled form in its cache from the statement's memoised cache key, instead of
+coercing every value and hashing a new statement at each call. Parameter names start with
+``p_`` (or ``k_`` for a key also being set), never a column's own name, which SQLAlchemy keeps
+for itself in INSERT and UPDATE statements.
 
 Building a statement performs no I/O, so the sync and async stores share every one of them.
 """
@@ -8,99 +15,258 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from idempay.backends.sql._common import Kind, from_micros
-from idempay.backends.sql._schema import records
+from idempay.backends.sql._common import Kind, from_micros, micros
+from idempay.backends.sql._schema import DUE_EFFECTS_INDEX, audit, inbox, orders, outbox, records
 from idempay.core.audit import AuditEntry, AuditSource, AuditStep
-from idempay.core.models import InboxEvent, InboxStatus, OrderRecord, OutboxEntry, OutboxStatus
+from idempay.core.models import (
+    InboxEvent,
+    InboxStatus,
+    NewEffect,
+    OrderRecord,
+    OutboxEntry,
+    OutboxStatus,
+)
 from idempay.core.orders import DisputeStatus, OrderState, OrderStatus, ReviewReason
 from idempay.core.records import IdempotencyRecord, Lease, RecordState, StoredResponse
 
 __all__ = [
-    "ClaimPlan",
+    "DATABASE_NOW_SQL",
+    "OutboxStatements",
+    "PaymentStatements",
+    "RecordStatements",
     "audit_from_row",
-    "blob",
-    "claim_plan",
-    "clock_now",
-    "database_now",
+    "audit_values",
+    "blob_value",
+    "effect_values",
     "encode_details",
     "encode_headers",
     "entry_from_row",
     "event_from_row",
-    "greater",
+    "event_values",
     "order_from_row",
     "order_values",
+    "outbox_statements",
+    "payment_statements",
     "record_from_row",
+    "record_statements",
+    "state_values",
 ]
 
 _IN_PROGRESS: Final = RecordState.IN_PROGRESS.value
 _UNKNOWN: Final = RecordState.UNKNOWN.value
+_PENDING: Final = OutboxStatus.PENDING.value
+_ORPHAN: Final = InboxStatus.ORPHAN.value
 
-# The database's own clock, as microseconds since the epoch, fixed for one statement.
-_DATABASE_NOW: Final = {
+DATABASE_NOW_SQL: Final = {
     # EXTRACT gives an exact numeric (PostgreSQL 14+); statement_timestamp() is one value for
     # the whole statement, unlike clock_timestamp().
     Kind.POSTGRESQL: "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000000 AS BIGINT)",
     # Plain arithmetic on UTC datetimes: no session time zone, no DST fold, microseconds.
     Kind.MYSQL: "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))",
 }
+"""The database server's current time in stored form (microseconds), one value per statement."""
 
 
-def database_now(kind: Kind) -> sa.ColumnElement[int]:
-    """The current time of a PostgreSQL or MySQL server, in stored form (one value per
-    statement)."""
-    return sa.literal_column(_DATABASE_NOW[kind], sa.BigInteger)
+def _now(kind: Kind, *, bound: bool) -> sa.ColumnElement[int]:
+    """The current time inside a statement: the ``now`` parameter (a clock of the
+    application's, or the database time sampled by the store), or the server's clock in SQL."""
+    if bound or kind is Kind.SQLITE:
+        return sa.bindparam("now", type_=sa.BigInteger)
+    return sa.literal_column(DATABASE_NOW_SQL[kind], sa.BigInteger)
 
 
-def clock_now(value: int) -> sa.ColumnElement[int]:
-    """A time read from a clock in the application, bound as a parameter."""
-    return sa.literal(value, sa.BigInteger)
+def _p(name: str, type_: Any = None) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"p_{name}", type_=type_)
 
 
-def blob(kind: Kind, value: bytes) -> Any:
+def _int(name: str) -> sa.BindParameter[Any]:
+    return _p(name, sa.BigInteger)
+
+
+def _blob(kind: Kind, name: str) -> sa.ColumnElement[Any]:
+    """A binary value's placeholder; see :func:`blob_value`."""
+    return sa.func.unhex(_p(name)) if kind is Kind.MYSQL else _p(name, sa.LargeBinary)
+
+
+def blob_value(kind: Kind, value: bytes) -> Any:
     """A bytes value to bind for a binary column.
 
     MySQL gets it as hex text under ``UNHEX()``: aiomysql (0.3.2) fails on every bytes
     parameter with PyMySQL 1.2.3 and later (aio-libs/aiomysql#1080), and one form for both MySQL
     drivers keeps them alike.
     """
-    return sa.func.unhex(value.hex()) if kind is Kind.MYSQL else value
+    return value.hex() if kind is Kind.MYSQL else value
 
 
-def greater(a: sa.ColumnElement[int], b: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
+def _greater(a: sa.ColumnElement[int], b: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
     """The larger of two times, portably (SQLite has no GREATEST)."""
     return sa.case((a >= b, a), else_=b)
+
+
+def _columns(table: sa.Table, kind: Kind, blobs: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A placeholder ``p_<column>`` for every column of ``table``."""
+    return {
+        c.name: _blob(kind, c.name) if c.name in blobs else _p(c.name, c.type)
+        for c in table.columns
+    }
+
+
+def _insert_new(kind: Kind, table: sa.Table, values: Mapping[str, Any]) -> sa.Executable:
+    """Insert unless the row exists: the statement returns the key of a row it inserted.
+
+    Without a conflict target, PostgreSQL and SQLite skip a row that collides with ANY unique
+    key (an order's PaymentIntent too), so the caller reads the row back to tell which. MySQL
+    gets a plain INSERT, its duplicate-key error caught: ON DUPLICATE KEY UPDATE cannot tell an
+    insert from a no-op (the driver counts matched rows), and INSERT IGNORE would also swallow
+    truncation and bad values.
+    """
+    first = next(iter(table.primary_key.columns))
+    if kind is Kind.POSTGRESQL:
+        return postgresql.insert(table).values(values).on_conflict_do_nothing().returning(first)
+    if kind is Kind.SQLITE:
+        return sqlite.insert(table).values(values).on_conflict_do_nothing().returning(first)
+    return sa.insert(table).values(values)
 
 
 # --- idempotency records ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimPlan:
-    """The statements of one claim attempt.
+class RecordStatements:
+    """The idempotency store's statements for one database family.
 
-    ``write`` claims the key if it may (an upsert whose update is conditional). ``read`` is
-    None when ``write`` itself returns the row in every case (PostgreSQL); otherwise it reads
-    the row back in the same transaction. A row whose ``lease_token`` is ``fresh`` was claimed
-    as a new record, one whose token is ``takeover`` was taken over; any other row is someone
-    else's.
+    ``claim`` claims the key if it may (an upsert whose update is conditional). When
+    ``claim_returns_rows`` it returns the row as the claim left it (PostgreSQL: in every case;
+    SQLite: when it won); otherwise ``claim_read`` reads the row back in the same transaction
+    (a locking read on MySQL: under any isolation level it sees the row as the upsert left
+    it). A row whose ``lease_token`` is the ``p_fresh`` parameter was claimed as a new record,
+    one whose token is ``p_takeover`` was taken over; any other row is someone else's.
+    ``extend`` and ``complete`` return the row they wrote where the database can
+    (``UPDATE ... RETURNING``); elsewhere the caller reads it back with ``read``.
     """
 
-    write: sa.Executable
-    write_returns_rows: bool
-    read: sa.Select[Any] | None
+    claim: sa.Executable
+    claim_returns_rows: bool
+    claim_read: sa.Select[Any] | None
+    read: sa.Select[Any]
+    checkpoint: sa.Update
+    extend: sa.Executable
+    complete: sa.Executable
+    release: sa.Update
+    discard: sa.Delete
+    get: sa.Select[Any]
+    purge: sa.Delete
 
 
-def _claimable(
-    t: sa.Table, fingerprint: str, now: sa.ColumnElement[int]
-) -> tuple[sa.ColumnElement[bool], sa.ColumnElement[bool]]:
-    """(expired, takeover): the two conditions under which a claim wins an existing row."""
+def _owned() -> sa.ColumnElement[bool]:
+    t = records
+    return sa.and_(
+        t.c.scope == _p("scope"),
+        t.c.key == _p("key"),
+        t.c.lease_token == _p("token"),
+        t.c.fence == _int("fence"),
+        t.c.state == _IN_PROGRESS,
+    )
+
+
+@cache
+def record_statements(kind: Kind, *, bound: bool) -> RecordStatements:
+    """The idempotency statements of ``kind``; ``bound``: the time is the ``now`` parameter."""
+    t = records
+    now = _now(kind, bound=bound)
+    by_key = sa.and_(t.c.scope == _p("scope"), t.c.key == _p("key"))
+    read = sa.select(*t.c).where(by_key)
+    claim, returns = _claim(kind, now, read)
+    until = now + _int("lease_us")
+    extend: sa.Executable = (
+        sa.update(t)
+        .where(_owned())
+        .values(lease_expires_at=until, expires_at=_greater(t.c.expires_at, until))
+    )
+    complete: sa.Executable = (
+        sa.update(t)
+        .where(_owned())
+        .values(
+            state=_p("state"),
+            lease_token=None,
+            lease_expires_at=None,
+            response_status=_p("status", sa.Integer),
+            response_body=_blob(kind, "body"),
+            response_content_type=_p("content_type"),
+            response_headers=_p("headers"),
+        )
+    )
+    if kind is not Kind.MYSQL:
+        extend = extend.returning(t.c.lease_expires_at)  # type: ignore[attr-defined]
+        complete = complete.returning(*t.c)  # type: ignore[attr-defined]
+    doomed = sa.select(t.c.scope, t.c.key).where(t.c.expires_at <= now).limit(_p("limit"))
+    if kind is Kind.POSTGRESQL:
+        # Two purgers (or a purger and a claim) never wait on each other's rows.
+        doomed = doomed.with_for_update(skip_locked=True)
+    # The LIMIT sits in a derived table: MySQL refuses it in an IN subquery, and refuses a
+    # subquery on the table being deleted from unless it is materialised.
+    batch = doomed.subquery()
+    return RecordStatements(
+        claim=claim,
+        claim_returns_rows=returns,
+        claim_read={
+            Kind.POSTGRESQL: None,
+            Kind.SQLITE: read,
+            Kind.MYSQL: read.with_for_update(),
+        }[kind],
+        read=read,
+        checkpoint=sa.update(t)
+        .where(_owned())
+        .values(
+            recovery_point=_p("recovery_point"),
+            resource_id=sa.func.coalesce(_p("resource_id", t.c.resource_id.type), t.c.resource_id),
+        ),
+        extend=extend,
+        complete=complete,
+        release=sa.update(t)
+        .where(_owned())
+        .values(state=_UNKNOWN, lease_token=None, lease_expires_at=None),
+        discard=sa.delete(t).where(_owned()),
+        get=sa.select(*t.c).where(by_key, t.c.expires_at > now),
+        purge=sa.delete(t).where(
+            sa.tuple_(t.c.scope, t.c.key).in_(sa.select(batch.c.scope, batch.c.key))
+        ),
+    )
+
+
+def _claim(
+    kind: Kind, now: sa.ColumnElement[int], read: sa.Select[Any]
+) -> tuple[sa.Executable, bool]:
+    """The claim's conditional write on ``kind``, and whether it returns the row.
+
+    A new or expired key gets a fresh record (new ``created_at``, fence + 1, recovery point
+    cleared); an in-progress record of the same fingerprint whose lease ran out, or one
+    released as unknown, is taken over (fence + 1, recovery point and ``created_at`` kept,
+    expiry pushed to cover the lease). Anything else is left as it is.
+    """
+    t = records
+    fingerprint, fresh, takeover = _p("fingerprint"), _p("fresh"), _p("takeover")
+    lease_until = now + _int("lease_us")
+    keep_until = now + _int("keep_us")
+    new_row: dict[str, Any] = {
+        "scope": _p("scope"),
+        "key": _p("key"),
+        "fingerprint": fingerprint,
+        "state": _IN_PROGRESS,
+        "fence": 1,
+        "lease_token": fresh,
+        "lease_expires_at": lease_until,
+        "created_at": now,
+        "expires_at": keep_until,
+    }
     expired = t.c.expires_at <= now
-    takeover = sa.and_(
+    takeover_ok = sa.and_(
         t.c.fingerprint == fingerprint,
         sa.or_(
             t.c.state == _UNKNOWN,
@@ -110,71 +276,23 @@ def _claimable(
             ),
         ),
     )
-    return expired, takeover
-
-
-def _by_key(scope: str, key: str) -> sa.ColumnElement[bool]:
-    return sa.and_(records.c.scope == scope, records.c.key == key)
-
-
-def claim_plan(
-    kind: Kind,
-    *,
-    scope: str,
-    key: str,
-    fingerprint: str,
-    now: sa.ColumnElement[int],
-    lease_us: int,
-    keep_us: int,
-    fresh: str,
-    takeover: str,
-) -> ClaimPlan:
-    """The statements that claim (scope, key) atomically on ``kind``; see :class:`ClaimPlan`.
-
-    A new or expired key gets a fresh record (new ``created_at``, fence + 1, recovery point
-    cleared); an in-progress record of the same fingerprint whose lease ran out, or one
-    released as unknown, is taken over (fence + 1, recovery point and ``created_at`` kept,
-    expiry pushed to cover the lease). Anything else is left as it is.
-    """
-    t = records
-    lease_until = now + lease_us
-    new_row: dict[str, Any] = {
-        "scope": scope,
-        "key": key,
-        "fingerprint": fingerprint,
-        "state": _IN_PROGRESS,
-        "fence": 1,
-        "lease_token": fresh,
-        "lease_expires_at": lease_until,
-        "created_at": now,
-        "expires_at": now + keep_us,
-    }
-    expired, takeover_ok = _claimable(t, fingerprint, now)
-    read = sa.select(*t.c).where(_by_key(scope, key))
     if kind is Kind.MYSQL:
-        return ClaimPlan(
-            write=_mysql_claim(
-                new_row,
-                expired=expired,
-                takeover_ok=takeover_ok,
-                lease_until=lease_until,
-                keep_us=keep_us,
-                now=now,
-                fresh=fresh,
-                takeover=takeover,
-            ),
-            write_returns_rows=False,
-            # A locking read: under any isolation level it sees the row as our upsert left it.
-            read=read.with_for_update(),
-        )
+        return _mysql_claim(
+            new_row,
+            expired=expired,
+            takeover_ok=takeover_ok,
+            lease_until=lease_until,
+            keep_until=keep_until,
+            now=now,
+        ), False
     changes: dict[str, Any] = {
         "fingerprint": fingerprint,
         "state": _IN_PROGRESS,
         "fence": t.c.fence + 1,
-        "lease_token": sa.case((expired, sa.literal(fresh)), else_=sa.literal(takeover)),
+        "lease_token": sa.case((expired, fresh), else_=takeover),
         "lease_expires_at": lease_until,
         "created_at": sa.case((expired, now), else_=t.c.created_at),
-        "expires_at": sa.case((expired, now + keep_us), else_=greater(t.c.expires_at, lease_until)),
+        "expires_at": sa.case((expired, keep_until), else_=_greater(t.c.expires_at, lease_until)),
         "recovery_point": sa.case((expired, sa.null()), else_=t.c.recovery_point),
         "resource_id": sa.case((expired, sa.null()), else_=t.c.resource_id),
         "response_status": sa.null(),
@@ -183,49 +301,40 @@ def claim_plan(
         "response_headers": sa.null(),
     }
     condition = sa.or_(expired, takeover_ok)
+    target = [t.c.scope, t.c.key]
     if kind is Kind.SQLITE:
+        # Under BEGIN IMMEDIATE nobody writes between the upsert and the read that follows
+        # when it returned nothing.
         upsert = (
             sqlite.insert(t)
             .values(new_row)
-            .on_conflict_do_update(
-                index_elements=[t.c.scope, t.c.key], set_=changes, where=condition
-            )
+            .on_conflict_do_update(index_elements=target, set_=changes, where=condition)
             .returning(*t.c)
         )
-        # Under BEGIN IMMEDIATE nobody writes between the upsert and this read.
-        return ClaimPlan(write=upsert, write_returns_rows=True, read=read)
-    upsert_pg = (
+        return upsert, True
+    claimed = (
         postgresql.insert(t)
         .values(new_row)
-        .on_conflict_do_update(index_elements=[t.c.scope, t.c.key], set_=changes, where=condition)
+        .on_conflict_do_update(index_elements=target, set_=changes, where=condition)
         .returning(*t.c)
+        .cte("claimed")
     )
-    claimed = upsert_pg.cte("claimed")
     # When the upsert leaves the row alone, the same statement returns it, read from the
     # statement's snapshot. That snapshot may predate a row committed while the upsert waited
     # for it (READ COMMITTED): then no row is returned at all, or a stale one that still looks
     # claimable, which is filtered out here; the caller runs the statement again.
-    existing = (
-        sa.select(*t.c)
-        .where(_by_key(scope, key))
-        .where(~sa.exists(sa.select(claimed.c.scope)))
-        .where(sa.not_(condition))
-    )
-    return ClaimPlan(
-        write=sa.select(*claimed.c).union_all(existing), write_returns_rows=True, read=None
-    )
+    existing = read.where(~sa.exists(sa.select(claimed.c.scope))).where(sa.not_(condition))
+    return sa.select(*claimed.c).union_all(existing), True
 
 
 def _mysql_claim(
-    new_row: Mapping[str, Any],
+    new_row: Mapping[Any, Any],
     *,
     expired: sa.ColumnElement[bool],
     takeover_ok: sa.ColumnElement[bool],
     lease_until: sa.ColumnElement[int],
-    keep_us: int,
+    keep_until: sa.ColumnElement[int],
     now: sa.ColumnElement[int],
-    fresh: str,
-    takeover: str,
 ) -> sa.Executable:
     """INSERT ... ON DUPLICATE KEY UPDATE, every column conditional.
 
@@ -237,8 +346,9 @@ def _mysql_claim(
     """
     t = records
     won = sa.or_(expired, takeover_ok)
+    fresh, takeover = _p("fresh"), _p("takeover")
     is_fresh = t.c.lease_token == fresh
-    is_ours = t.c.lease_token.in_([fresh, takeover])
+    is_ours = sa.or_(t.c.lease_token == fresh, t.c.lease_token == takeover)
     changes: list[tuple[str, Any]] = [
         ("created_at", sa.case((expired, now), else_=t.c.created_at)),
         ("recovery_point", sa.case((expired, sa.null()), else_=t.c.recovery_point)),
@@ -253,18 +363,14 @@ def _mysql_claim(
         ("fence", sa.case((won, t.c.fence + 1), else_=t.c.fence)),
         (
             "lease_token",
-            sa.case(
-                (expired, sa.literal(fresh)),
-                (takeover_ok, sa.literal(takeover)),
-                else_=t.c.lease_token,
-            ),
+            sa.case((expired, fresh), (takeover_ok, takeover), else_=t.c.lease_token),
         ),
         # From here on the conditions are read from the token just written.
         (
             "expires_at",
             sa.case(
-                (is_fresh, now + keep_us),
-                (is_ours, greater(t.c.expires_at, lease_until)),
+                (is_fresh, keep_until),
+                (is_ours, _greater(t.c.expires_at, lease_until)),
                 else_=t.c.expires_at,
             ),
         ),
@@ -273,6 +379,287 @@ def _mysql_claim(
         ("lease_expires_at", sa.case((is_ours, lease_until), else_=t.c.lease_expires_at)),
     ]
     return mysql.insert(t).values(dict(new_row)).on_duplicate_key_update(changes)
+
+
+# --- orders, inbox, audit (one transaction's statements) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentStatements:
+    """The statements of a payment transaction, for one database family.
+
+    Their time is always the ``now`` parameter: the transaction's clock, which is the store's
+    clock or the database clock sampled by the store (see ``AsyncSQLTransaction.now``).
+    ``set_status`` is keyed by (finished, returning); ``orphans`` by which hints are given.
+    """
+
+    clock: sa.Select[Any]
+    insert_order: sa.Executable
+    get_order: sa.Select[Any]
+    get_order_locked: sa.Select[Any]
+    order_by_intent: sa.Select[Any]
+    update_order: sa.Update
+    insert_event: sa.Executable
+    get_event: sa.Select[Any]
+    get_event_locked: sa.Select[Any]
+    set_status: Mapping[tuple[bool, bool], sa.Executable]
+    orphans: Mapping[tuple[bool, bool], sa.Select[Any]]
+    audit_head: sa.Select[Any]
+    insert_audit: sa.Insert
+    audit_trail: sa.Select[Any]
+    enqueue: sa.Executable
+    enqueue_ignoring: sa.Executable
+
+
+def _locked(kind: Kind, stmt: sa.Select[Any]) -> sa.Select[Any]:
+    # On MySQL a row another transaction committed after ours began is only certain to be
+    # seen by a locking read (under REPEATABLE READ, when the caller's transaction is
+    # joined). A shared lock: it never waits on other readers of the same row.
+    return stmt.with_for_update(read=True) if kind is Kind.MYSQL else stmt
+
+
+@cache
+def payment_statements(kind: Kind) -> PaymentStatements:
+    """The transaction statements of ``kind``."""
+    now = _now(kind, bound=True)
+    order_key = sa.and_(orders.c.tenant == _p("tenant"), orders.c.order_id == _p("order_id"))
+    event_key = sa.and_(inbox.c.account == _p("account"), inbox.c.event_id == _p("event_id"))
+    get_order = sa.select(*orders.c).where(order_key)
+    get_event = sa.select(*inbox.c).where(event_key)
+    state = {name: _p(name, orders.c[name].type) for name in _STATE_COLUMNS}
+    set_status: dict[tuple[bool, bool], sa.Executable] = {}
+    for finished in (False, True):
+        values: dict[str, Any] = {
+            "status": _p("status"),
+            "attempts": inbox.c.attempts + 1,
+            "error": _p("error", inbox.c.error.type),
+            "order_id": sa.func.coalesce(_p("order_id", inbox.c.order_id.type), inbox.c.order_id),
+        }
+        if finished:
+            values["processed_at"] = now
+        update = sa.update(inbox).where(event_key).values(values)
+        set_status[(finished, False)] = update
+        set_status[(finished, True)] = update.returning(*inbox.c)
+    by_intent = inbox.c.payment_intent_id == _p("payment_intent_id")
+    by_order = inbox.c.order_id == _p("order_id")
+    orphans = {
+        hints: sa.select(*inbox.c)
+        .where(inbox.c.status == _ORPHAN, sa.or_(*clauses))
+        .order_by(inbox.c.created, inbox.c.received_at, inbox.c.event_id)
+        .limit(_p("limit"))
+        for hints, clauses in (
+            ((True, False), [by_intent]),
+            ((False, True), [by_order]),
+            ((True, True), [by_intent, by_order]),
+        )
+    }
+    effect_columns = _columns(outbox, kind)
+    effect_row = {name: effect_columns[name] for name in _EFFECT_COLUMNS} | {
+        "status": _PENDING,
+        "attempts": 0,
+        "created_at": now,
+        "next_attempt_at": now,
+        "lease_fence": 0,
+    }
+    ignoring: sa.Executable
+    if kind is Kind.MYSQL:
+        # Existing effects are left alone; a no-op update, not INSERT IGNORE (which would
+        # also let a value too long for its column through, truncated).
+        ignoring = (
+            mysql.insert(outbox).values(effect_row).on_duplicate_key_update(tenant=outbox.c.tenant)
+        )
+    elif kind is Kind.POSTGRESQL:
+        ignoring = postgresql.insert(outbox).values(effect_row).on_conflict_do_nothing()
+    else:
+        ignoring = sqlite.insert(outbox).values(effect_row).on_conflict_do_nothing()
+    return PaymentStatements(
+        clock=sa.select(_now(kind, bound=False)),
+        insert_order=_insert_new(
+            kind,
+            orders,
+            {"tenant": _p("tenant"), "order_id": _p("order_id")}
+            | state
+            | {"version": 1, "created_at": now, "updated_at": now},
+        ),
+        get_order=get_order,
+        get_order_locked=_locked(kind, get_order),
+        order_by_intent=sa.select(*orders.c).where(
+            orders.c.payment_intent_id == _p("payment_intent_id")
+        ),
+        update_order=sa.update(orders)
+        .where(
+            orders.c.tenant == sa.bindparam("k_tenant"),
+            orders.c.order_id == sa.bindparam("k_order_id"),
+            orders.c.version == sa.bindparam("k_version", type_=sa.BigInteger),
+        )
+        .values(**state, version=orders.c.version + 1, updated_at=now),
+        insert_event=_insert_new(kind, inbox, _columns(inbox, kind, blobs=("payload",))),
+        get_event=get_event,
+        get_event_locked=_locked(kind, get_event),
+        set_status=set_status,
+        orphans=orphans,
+        audit_head=sa.select(audit.c.seq, audit.c.hash)
+        .where(audit.c.tenant == _p("tenant"), audit.c.order_id == _p("order_id"))
+        .order_by(audit.c.seq.desc())
+        .limit(1),
+        insert_audit=sa.insert(audit).values(_columns(audit, kind)),
+        audit_trail=sa.select(*audit.c)
+        .where(audit.c.tenant == _p("tenant"), audit.c.order_id == _p("order_id"))
+        .order_by(audit.c.seq),
+        enqueue=_insert_new(kind, outbox, effect_row),
+        enqueue_ignoring=ignoring,
+    )
+
+
+# --- the outbox dispatcher -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatements:
+    """The dispatcher's statements for one database family.
+
+    ``due`` selects and locks up to ``p_limit`` due entries, with the time it used as
+    ``now_us``; ``lease`` stamps one of them (run with one parameter set per entry);
+    ``settle`` is keyed by (done, dead).
+    """
+
+    due: sa.Select[Any]
+    lease: sa.Update
+    settle: Mapping[tuple[bool, bool], sa.Update]
+    effects_for: sa.Select[Any]
+
+
+@cache
+def outbox_statements(kind: Kind, *, bound: bool) -> OutboxStatements:
+    """The dispatcher statements of ``kind``; ``bound``: the time is the ``now`` parameter."""
+    t = outbox
+    now = _now(kind, bound=bound)
+    key = sa.and_(
+        t.c.tenant == _p("tenant"),
+        t.c.order_id == _p("order_id"),
+        t.c.effect == _p("effect"),
+        t.c.discriminator == _p("discriminator"),
+    )
+    due = (
+        sa.select(*t.c, now.label("now_us"))
+        .where(
+            t.c.status == _PENDING,
+            t.c.next_attempt_at <= now,
+            sa.or_(t.c.lease_token.is_(None), t.c.lease_expires_at <= now),
+        )
+        .order_by(t.c.next_attempt_at, t.c.created_at)
+        .limit(_p("limit"))
+        .with_for_update(skip_locked=True)
+    )
+    if kind is Kind.MYSQL:
+        # Without the index's order InnoDB sorts, and locks every due row it read first:
+        # concurrent dispatchers would then find them all taken.
+        due = due.with_hint(t, f"FORCE INDEX ({DUE_EFFECTS_INDEX})", "mysql").with_hint(
+            t, f"FORCE INDEX ({DUE_EFFECTS_INDEX})", "mariadb"
+        )
+    owned = sa.and_(key, t.c.lease_token == _p("token"))
+    released = {"lease_token": None, "lease_expires_at": None}
+    settle = {
+        (True, False): sa.update(t)
+        .where(owned)
+        .values(status=OutboxStatus.DONE.value, last_error=None, **released),
+        (False, True): sa.update(t)
+        .where(owned)
+        .values(status=OutboxStatus.DEAD.value, last_error=_p("error"), **released),
+        (False, False): sa.update(t)
+        .where(owned)
+        .values(
+            status=_PENDING,
+            last_error=_p("error"),
+            next_attempt_at=_int("retry_at"),
+            **released,
+        ),
+    }
+    return OutboxStatements(
+        due=due,
+        lease=sa.update(t)
+        .where(key)
+        .values(
+            lease_token=_p("new_token"),
+            lease_fence=_int("new_fence"),
+            attempts=_int("new_attempts"),
+            lease_expires_at=_int("new_expires"),
+        ),
+        settle=settle,
+        effects_for=sa.select(*t.c)
+        .where(t.c.tenant == _p("tenant"), t.c.order_id == _p("order_id"))
+        .order_by(t.c.created_at, t.c.effect, t.c.discriminator),
+    )
+
+
+# --- values and rows -------------------------------------------------------------------------
+
+_STATE_COLUMNS: Final = (
+    "status",
+    "amount",
+    "currency",
+    "payment_intent_id",
+    "amount_refunded",
+    "dispute",
+    "review_reason",
+    "observed_at",
+    "failures",
+)
+_EFFECT_COLUMNS: Final = ("tenant", "order_id", "effect", "discriminator", "payload")
+
+
+def state_values(state: OrderState) -> dict[str, Any]:
+    """The ``p_`` parameters of an order's state columns."""
+    return {f"p_{name}": value for name, value in order_values(state).items()}
+
+
+def event_values(kind: Kind, event: InboxEvent) -> dict[str, Any]:
+    """The ``p_`` parameters of an inbox row."""
+    return {
+        "p_account": event.account,
+        "p_event_id": event.event_id,
+        "p_type": event.type,
+        "p_created": event.created,
+        "p_payload": blob_value(kind, event.payload),
+        "p_status": event.status.value,
+        "p_object_id": event.object_id,
+        "p_payment_intent_id": event.payment_intent_id,
+        "p_order_id": event.order_id,
+        "p_attempts": event.attempts,
+        "p_received_at": micros(event.received_at),
+        "p_processed_at": micros(event.processed_at) if event.processed_at else None,
+        "p_error": event.error,
+    }
+
+
+def audit_values(entry: AuditEntry) -> dict[str, Any]:
+    """The ``p_`` parameters of a sealed audit entry."""
+    return {
+        "p_tenant": entry.tenant,
+        "p_order_id": entry.order_id,
+        "p_seq": entry.seq,
+        "p_step": entry.step.value,
+        "p_source": entry.source.value,
+        "p_at": micros(entry.at),
+        "p_from_status": entry.from_status,
+        "p_to_status": entry.to_status,
+        "p_event_id": entry.event_id,
+        "p_key_digest": entry.key_digest,
+        "p_details": encode_details(entry.details),
+        "p_prev_hash": entry.prev_hash,
+        "p_hash": entry.hash,
+    }
+
+
+def effect_values(effect: NewEffect) -> dict[str, Any]:
+    """The ``p_`` parameters of a new outbox effect."""
+    return {
+        "p_tenant": effect.tenant,
+        "p_order_id": effect.order_id,
+        "p_effect": effect.effect,
+        "p_discriminator": effect.discriminator,
+        "p_payload": effect.payload,
+    }
 
 
 def encode_headers(headers: tuple[tuple[str, str], ...]) -> str:
@@ -286,7 +673,7 @@ def _decode_pairs(text: str | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(name), str(value)) for name, value in json.loads(text))
 
 
-def record_from_row(row: sa.RowMapping) -> IdempotencyRecord:
+def record_from_row(row: Mapping[Any, Any]) -> IdempotencyRecord:
     """An idempotency record from its row."""
     token = row["lease_token"]
     expires = row["lease_expires_at"]
@@ -339,7 +726,7 @@ def order_values(state: OrderState) -> dict[str, Any]:
     }
 
 
-def order_from_row(row: sa.RowMapping) -> OrderRecord:
+def order_from_row(row: Mapping[Any, Any]) -> OrderRecord:
     """An order from its row."""
     reason = row["review_reason"]
     state = OrderState(
@@ -363,7 +750,7 @@ def order_from_row(row: sa.RowMapping) -> OrderRecord:
     )
 
 
-def event_from_row(row: sa.RowMapping) -> InboxEvent:
+def event_from_row(row: Mapping[Any, Any]) -> InboxEvent:
     """An inbox event from its row."""
     processed = row["processed_at"]
     return InboxEvent(
@@ -388,7 +775,7 @@ def encode_details(details: tuple[tuple[str, str], ...]) -> str:
     return json.dumps([list(pair) for pair in details], ensure_ascii=False)
 
 
-def audit_from_row(row: sa.RowMapping) -> AuditEntry:
+def audit_from_row(row: Mapping[Any, Any]) -> AuditEntry:
     """An audit entry from its row."""
     return AuditEntry(
         tenant=row["tenant"],
@@ -407,7 +794,7 @@ def audit_from_row(row: sa.RowMapping) -> AuditEntry:
     )
 
 
-def entry_from_row(row: sa.RowMapping) -> OutboxEntry:
+def entry_from_row(row: Mapping[Any, Any]) -> OutboxEntry:
     """An outbox entry from its row; ``lease`` is set while a dispatcher holds it."""
     token = row["lease_token"]
     expires = row["lease_expires_at"]
