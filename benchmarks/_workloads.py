@@ -3,11 +3,12 @@
 ``claim+complete``: one protected request with a key never seen before: ``claim`` a fresh
 (scope, key), then ``complete`` it with a small JSON response.
 
-``webhook apply``: what the webhook flow writes for one event, in one transaction run by
-``run_transaction``: insert the event into the inbox (already marked processed), read the
-order, compare-and-set its new state (version + 1), append one audit entry chained to the
-previous one, enqueue one outbox effect. Each worker applies events to its own order, so
-concurrent workers measure the store, not lost compare-and-sets.
+``webhook apply``: what the webhook flow does for one first delivery of an event, through the
+store's two webhook steps, as the guard engine calls them: ``receive_event`` (one read, no
+write: the event is not stored yet, the order and its trail's end), then ``commit_event`` (one
+atomic write: the inbox row marked processed, the order's compare-and-set (version + 1), one
+audit entry chained to the previous one, one outbox effect). Each worker applies events to its
+own order, so concurrent workers measure the store, not lost compare-and-sets.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep
-from idempay.core.models import InboxEvent, InboxStatus, NewEffect
+from idempay.core.models import EventCommit, InboxEvent, InboxStatus, NewEffect
 from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import Claimed, StoredResponse
 from idempay.protocols import IdempotencyStore, PaymentStore, PaymentTransaction
@@ -100,49 +101,51 @@ def webhook_apply_op(
 
         def op(i: int) -> Any:
             event_id = f"evt_{tag}_{w}_{i}"
-
-            def work(tx: PaymentTransaction) -> object:
-                now = tx.now()
-                event = InboxEvent(
-                    account="",
-                    event_id=event_id,
-                    type="payment_intent.processing",
-                    created=1_767_225_600 + i,
-                    payload=EVENT_PAYLOAD,
-                    received_at=now,
+            event = InboxEvent(
+                account="",
+                event_id=event_id,
+                type="payment_intent.processing",
+                created=1_767_225_600 + i,
+                payload=EVENT_PAYLOAD,
+                received_at=datetime.now(UTC),
+                object_id="pi_3Bench",
+                payment_intent_id=None,
+                order_id=order_id,
+            )
+            got = store.receive_event(event, tenant=tenant, order_id=order_id)
+            if got.event is not None:
+                raise AssertionError("a new event was taken for a duplicate")
+            record = got.order
+            if record is None:
+                raise AssertionError("the order vanished")
+            after = replace(record.state, observed_at=record.state.observed_at + 1)
+            draft = AuditDraft(
+                tenant=tenant,
+                order_id=order_id,
+                step=AuditStep.PROCESSING,
+                source=AuditSource.WEBHOOK,
+                at=event.received_at,
+                from_status=record.state.status.value,
+                to_status=after.status.value,
+                event_id=event_id,
+                details={"reason": "observed"},
+            )
+            written = store.commit_event(
+                EventCommit(
+                    event=event,
                     status=InboxStatus.PROCESSED,
-                    object_id="pi_3Bench",
-                    payment_intent_id=None,
+                    expected_status=got.stored_status,
+                    audit_head=got.audit_head,
+                    order=record,
+                    new_state=after,
+                    audit=(draft,),
+                    effects=(NewEffect(tenant, order_id, "processing", event_id, '{"attempt":1}'),),
                     order_id=order_id,
-                    processed_at=now,
                 )
-                _, inserted = tx.insert_event(event)
-                if not inserted:
-                    raise AssertionError("a new event was taken for a duplicate")
-                record = tx.get_order(tenant, order_id)
-                if record is None:
-                    raise AssertionError("the order vanished")
-                after = replace(record.state, observed_at=record.state.observed_at + 1)
-                updated = tx.update_order(record, after)
-                tx.append_audit(
-                    AuditDraft(
-                        tenant=tenant,
-                        order_id=order_id,
-                        step=AuditStep.PROCESSING,
-                        source=AuditSource.WEBHOOK,
-                        at=now,
-                        from_status=record.state.status.value,
-                        to_status=after.status.value,
-                        event_id=event_id,
-                        details={"reason": "observed"},
-                    )
-                )
-                tx.enqueue_effect(
-                    NewEffect(tenant, order_id, "processing", event_id, '{"attempt":1}')
-                )
-                return updated.version
-
-            return store.run_transaction(work)
+            )
+            if written is None:
+                raise AssertionError("the order was not written")
+            return written.version
 
         return op
 

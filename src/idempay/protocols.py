@@ -391,24 +391,32 @@ class PaymentStore(Protocol):
     def receive_event(
         self, event: InboxEvent, *, tenant: str | None = None, order_id: str | None = None
     ) -> EventReception:
-        """Atomically insert ``event`` into the inbox unless it is there, and read what a
-        webhook needs to decide: the order it concerns (by ``event.payment_intent_id``, else by
-        ``(tenant, order_id)``) and the end of that order's audit trail.
+        """Read, in one consistent snapshot and without writing anything, what a webhook
+        needs to decide: ``event``'s inbox row if it is stored, the order it concerns (by
+        ``event.payment_intent_id``, else by ``(tenant, order_id)``) and the end of that
+        order's audit trail.
 
-        One step, so a backend can do it in a single round trip. Inserting commits at once:
-        a received event is never lost, even if its processing then fails (its status stays
-        ``received`` and a later delivery or the reconciler processes it).
+        One step, so a backend can do it in a single round trip. A duplicate delivery of a
+        processed event therefore costs one read and no durable write; a first delivery is
+        stored by :meth:`commit_event`, together with everything it changes (an event whose
+        processing fails before that is not stored, and is answered with an error so that
+        Stripe delivers it again).
         """
         ...
 
     def commit_event(self, commit: EventCommit) -> OrderRecord | None:
-        """Atomically write what one event changes (see :class:`~idempay.core.models.EventCommit`).
+        """Atomically write what one event changes (see :class:`~idempay.core.models.EventCommit`):
+        the inbox row (inserted, or updated from ``commit.expected_status``), the order's
+        compare-and-set, the audit entries after ``commit.audit_head`` and the outbox rows.
 
-        All or nothing, in one step so that a backend can do it in a single round trip.
-        Raises ConcurrentUpdateError, writing nothing, when the order's version is no longer
-        ``commit.order.version`` or its trail no longer ends at ``commit.audit_head`` (another
-        writer got there first: read again and decide again). Returns the order as written, or
-        the order unchanged when ``new_state`` is None.
+        All or nothing, in one step so that a backend can do it in a single round trip and one
+        durable commit. Raises ConcurrentUpdateError, writing nothing, when another writer got
+        there first: the inbox row exists although ``expected_status`` is None, or is absent or
+        has another status although it is not; the order's version is no longer
+        ``commit.order.version``; its trail no longer ends at ``commit.audit_head``; or the new
+        state's PaymentIntent belongs to another order. The caller then reads again (and sees a
+        duplicate, or decides again). Returns the order as written, or the order unchanged
+        when ``new_state`` is None.
         """
         ...
 

@@ -1179,7 +1179,7 @@ def _xmin(db_url: str, table: str, **key: str) -> tuple[Any, ...]:
 
 
 @pytest.mark.postgres
-def test_on_postgresql_a_delivery_is_two_statements_without_begin_and_a_duplicate_one(
+def test_on_postgresql_a_delivery_is_two_statements_and_one_commit_a_duplicate_one_read(
     postgres_db: str,
 ) -> None:
     store = SQLPaymentStore.from_url(postgres_db)
@@ -1187,14 +1187,17 @@ def test_on_postgresql_a_delivery_is_two_statements_without_begin_and_a_duplicat
     tenant, intent = _uid(), f"pi_{_uid()}"
     try:
         order = _order_with_trail(store, tenant, intent)
-        watch.take()
         event = _inbox_event(f"evt_{tenant}", payment_intent_id=intent)
+        rows = _xmins(postgres_db, tenant, event.event_id)
+        watch.take()
         got = store.receive_event(event)
-        assert (got.inserted, got.order, got.audit_head.seq) == (True, order, 1)
+        assert (got.event, got.order, got.audit_head.seq) == (None, order, 1)
+        assert _xmins(postgres_db, tenant, event.event_id) == rows  # the read wrote nothing
         written = store.commit_event(
             EventCommit(
-                event=got.event,
+                event=event,
                 status=InboxStatus.PROCESSED,
+                expected_status=got.stored_status,
                 audit_head=got.audit_head,
                 order=got.order,
                 new_state=_paid(intent),
@@ -1206,40 +1209,40 @@ def test_on_postgresql_a_delivery_is_two_statements_without_begin_and_a_duplicat
         assert written is not None
         assert written.version == 2
         sent = watch.take()
+        # Two statements, each in autocommit: one durable commit (the second), no BEGIN.
         assert len(sent) == 2, [s for s, _ in sent]
         assert all(outside for _, outside in sent), "a statement ran inside a transaction"
 
         before = _written(store, tenant, event.event_id)
-        rows = {
-            table: _xmin(postgres_db, table, **key)
-            for table, key in (
-                ("idempay_inbox", {"event_id": event.event_id}),
-                ("idempay_orders", {"tenant": tenant}),
-                ("idempay_audit", {"tenant": tenant}),
-                ("idempay_outbox", {"tenant": tenant}),
-            )
-        }
+        rows = _xmins(postgres_db, tenant, event.event_id)
         watch.take()
         again = store.receive_event(event)
         sent = watch.take()
         assert len(sent) == 1
         assert sent[0][1]
-        assert not again.inserted
+        assert again.event is not None
         assert again.event.status is InboxStatus.PROCESSED
         assert again.order == written
         assert again.audit_head.seq == 2
         assert _written(store, tenant, event.event_id) == before
-        for table, key in (
-            ("idempay_inbox", {"event_id": event.event_id}),
-            ("idempay_orders", {"tenant": tenant}),
-            ("idempay_audit", {"tenant": tenant}),
-            ("idempay_outbox", {"tenant": tenant}),
-        ):
-            assert _xmin(postgres_db, table, **key) == rows[table], table
+        assert _xmins(postgres_db, tenant, event.event_id) == rows
         _idle(store)
     finally:
         watch.close()
         store.close()
+
+
+def _xmins(db_url: str, tenant: str, event_id: str) -> dict[str, tuple[Any, ...]]:
+    """The row versions of everything a delivery may write (see :func:`_xmin`)."""
+    return {
+        table: _xmin(db_url, table, **key)
+        for table, key in (
+            ("idempay_inbox", {"event_id": event_id}),
+            ("idempay_orders", {"tenant": tenant}),
+            ("idempay_audit", {"tenant": tenant}),
+            ("idempay_outbox", {"tenant": tenant}),
+        )
+    }
 
 
 @pytest.mark.postgres
@@ -1297,12 +1300,14 @@ def test_commit_event_writes_several_entries_and_effects_and_keeps_existing_ones
     _order_with_trail(store, tenant)
     with store.transaction() as tx:
         tx.enqueue_effect(NewEffect(tenant, "o1", "receipt", "paid", '{"first":true}'))
-    got = store.receive_event(_inbox_event(f"evt_{tenant}"), tenant=tenant, order_id="o1")
+    received = _inbox_event(f"evt_{tenant}")
+    got = store.receive_event(received, tenant=tenant, order_id="o1")
     assert got.order is not None
     written = store.commit_event(
         EventCommit(
-            event=got.event,
+            event=received,
             status=InboxStatus.PROCESSED,
+            expected_status=None,
             audit_head=got.audit_head,
             order=got.order,
             new_state=_paid(),
@@ -1325,17 +1330,24 @@ def test_commit_event_writes_several_entries_and_effects_and_keeps_existing_ones
     assert verify_trail(trail).ok
     assert event is not None
     assert (event.status, event.attempts, event.order_id) == (InboxStatus.PROCESSED, 1, "o1")
+    assert (event.payload, event.type, event.received_at) == (
+        received.payload,
+        received.type,
+        received.received_at,
+    )
     assert event.processed_at is not None
     effects = {e.effect: e.payload for e in store.effects_for(tenant, "o1")}
     assert effects == {"receipt": '{"first":true}', "grant": "{}", "ship": "{}"}
     # A commit that changes nothing but the inbox row: the order comes back unchanged.
-    other = store.receive_event(_inbox_event(f"evt2_{tenant}"), tenant=tenant, order_id="o1")
+    second = _inbox_event(f"evt2_{tenant}", order_id="hinted")
+    other = store.receive_event(second, tenant=tenant, order_id="o1")
     assert other.order == written
     assert other.audit_head.seq == 3
     kept = store.commit_event(
         EventCommit(
-            event=other.event,
-            status=InboxStatus.IGNORED,
+            event=second,
+            status=InboxStatus.FAILED,
+            expected_status=None,
             audit_head=other.audit_head,
             order=other.order,
             error="not ours",
@@ -1343,13 +1355,36 @@ def test_commit_event_writes_several_entries_and_effects_and_keeps_existing_ones
     )
     assert kept == written
     with store.transaction() as tx:
-        ignored = tx.get_event("", f"evt2_{tenant}")
-    assert ignored is not None
-    assert (ignored.status, ignored.error, ignored.attempts) == (
-        InboxStatus.IGNORED,
+        failed = tx.get_event("", f"evt2_{tenant}")
+    assert failed is not None
+    assert (failed.status, failed.error, failed.attempts, failed.order_id) == (
+        InboxStatus.FAILED,
         "not ours",
         1,
+        "hinted",
     )
+    assert failed.processed_at is None
+    # From the status read, the stored row is updated: one more attempt, the outcome set.
+    retried = store.commit_event(
+        EventCommit(
+            event=second,
+            status=InboxStatus.IGNORED,
+            expected_status=InboxStatus.FAILED,
+            audit_head=other.audit_head,
+            order=other.order,
+        )
+    )
+    assert retried == written
+    with store.transaction() as tx:
+        ignored = tx.get_event("", f"evt2_{tenant}")
+    assert ignored is not None
+    assert (ignored.status, ignored.error, ignored.attempts, ignored.order_id) == (
+        InboxStatus.IGNORED,
+        None,
+        2,
+        "hinted",
+    )
+    assert ignored.processed_at is not None
 
 
 def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> None:
@@ -1358,14 +1393,25 @@ def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> Non
     _order_with_trail(store, tenant, intent)
     with store.transaction() as tx:
         tx.insert_order(tenant, "taken", OrderState(OrderStatus.CREATED, 1999, "eur", "pi_taken"))
-    event_id = f"evt_{tenant}"
-    got = store.receive_event(_inbox_event(event_id, payment_intent_id=intent))
+    event_id, stored_id = f"evt_{tenant}", f"evt_stored_{tenant}"
+    event = _inbox_event(event_id, payment_intent_id=intent)
+    stored = _inbox_event(stored_id, payment_intent_id=intent)
+    got = store.receive_event(event)
     assert got.order is not None
+    store.commit_event(
+        EventCommit(
+            event=stored,
+            status=InboxStatus.FAILED,
+            expected_status=None,
+            audit_head=AuditHead(),
+        )
+    )
 
     def commit(**changes: Any) -> EventCommit:
         fields: dict[str, Any] = {
-            "event": got.event,
+            "event": event,
             "status": InboxStatus.PROCESSED,
+            "expected_status": None,
             "audit_head": got.audit_head,
             "order": got.order,
             "new_state": _paid(intent),
@@ -1375,7 +1421,10 @@ def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> Non
         }
         return EventCommit(**(fields | changes))
 
-    before = _written(store, tenant, event_id)
+    def state() -> tuple[Any, ...]:
+        return (*_written(store, tenant, event_id), _written(store, tenant, stored_id)[2])
+
+    before = state()
     refusals: list[tuple[type[Exception], EventCommit]] = [
         # The order moved on (its version is no longer the one read).
         (ConcurrentUpdateError, commit(order=replace(got.order, version=7))),
@@ -1386,9 +1435,14 @@ def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> Non
         (ConcurrentUpdateError, commit(audit_head=AuditHead(0, "f" * 64))),
         # The new state names another order's PaymentIntent.
         (ConcurrentUpdateError, commit(new_state=_paid("pi_taken"))),
-        # The event is not in the inbox.
-        (StoreError, commit(event=replace(got.event, event_id="evt_nowhere"))),
-        (StoreError, commit(event=replace(got.event, event_id="evt_nowhere"), new_state=None)),
+        # The event was read as stored, but it is not.
+        (ConcurrentUpdateError, commit(expected_status=InboxStatus.ORPHAN)),
+        (ConcurrentUpdateError, commit(expected_status=InboxStatus.ORPHAN, new_state=None)),
+        # The event is stored although it was read as absent, or with another status: with a
+        # compare-and-set that matches (PostgreSQL's guard undoes it), and without one.
+        (ConcurrentUpdateError, commit(event=stored)),
+        (ConcurrentUpdateError, commit(event=stored, expected_status=InboxStatus.ORPHAN)),
+        (ConcurrentUpdateError, commit(event=stored, new_state=None, audit=())),
         # Entries of another order.
         (ConfigurationError, commit(audit=(_draft(tenant, "o2"),))),
     ]
@@ -1397,34 +1451,62 @@ def test_a_refused_commit_writes_nothing(sync_stores: Callable[..., Any]) -> Non
             store.commit_event(refused)
         assert type(caught.value) is error, refused
         assert tenant not in str(caught.value)
-        assert _written(store, tenant, event_id) == before, refused
+        assert state() == before, refused
     # The refusals left the way open: the right commit goes through.
     assert store.commit_event(commit()) is not None
 
 
-def test_concurrent_receptions_of_one_event_insert_it_once(sync_stores: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("change", [True, False], ids=["order-change", "no-order-change"])
+def test_concurrent_commits_of_one_event_store_it_once(
+    sync_stores: Callable[..., Any], change: bool
+) -> None:
     store = sync_stores(SQLPaymentStore, pool_size=8)
     tenant = _uid()
     order = _order_with_trail(store, tenant)
     event = _inbox_event(f"evt_{tenant}")
-    got = concurrently(8, lambda _: store.receive_event(event, tenant=tenant, order_id="o1"))
-    assert [g.inserted for g in got].count(True) == 1
-    assert {(g.event.account, g.event.event_id, g.event.payload) for g in got} == {
-        ("", event.event_id, event.payload)
-    }
-    assert all(g.order == order and g.audit_head.seq == 1 for g in got)
+    got = store.receive_event(event, tenant=tenant, order_id="o1")
+    commit = EventCommit(
+        event=event,
+        status=InboxStatus.PROCESSED,
+        expected_status=got.stored_status,
+        audit_head=got.audit_head,
+        order=order,
+        new_state=_paid() if change else None,
+        effects=(NewEffect(tenant, "o1", "receipt", "paid"),),
+        order_id="o1",
+    )
+
+    def attempt(_: int) -> bool:
+        try:
+            store.commit_event(commit)
+        except ConcurrentUpdateError:
+            return False
+        return True
+
+    assert concurrently(8, attempt).count(True) == 1
+    with store.transaction() as tx:
+        stored = tx.get_event("", event.event_id)
+        final = tx.get_order(tenant, "o1")
+    assert stored is not None
+    assert stored.attempts == 1
+    assert final is not None
+    assert final.version == (2 if change else 1)
+    assert len(store.effects_for(tenant, "o1")) == 1
 
 
-def test_a_reception_waiting_on_an_uncommitted_insert_returns_the_committed_row(
+def test_a_commit_waiting_on_an_uncommitted_insert_of_its_event_is_refused(
     sync_stores: Callable[..., Any], db_url: str
 ) -> None:
-    """The READ COMMITTED corner of PostgreSQL's one-statement receive (its snapshot predates
-    the row it waited for) and MySQL's duplicate-key wait."""
+    """A concurrent delivery stored the event first (still uncommitted when ours runs): ours
+    waits for it, then writes nothing, even though its compare-and-set would have matched."""
     if _dialect(db_url) == "sqlite":
         pytest.skip("SQLite has one writer at a time: no session waits on a row")
     store = sync_stores(SQLPaymentStore)
     tenant = _uid()
+    order = _order_with_trail(store, tenant)
     event = _inbox_event(f"evt_{tenant}")
+    got = store.receive_event(event, tenant=tenant, order_id="o1")
+    before = _written(store, tenant, event.event_id)
     engine = sa.create_engine(db_url)
     try:
         other = engine.connect()
@@ -1437,25 +1519,50 @@ def test_a_reception_waiting_on_an_uncommitted_insert_returns_the_committed_row(
                 type=PAID_EVENT,
                 created=1,
                 payload=b"other",
-                status="received",
-                attempts=0,
+                status="processed",
+                attempts=1,
                 received_at=0,
             )
         )
         outcome: list[Any] = []
-        receiver = threading.Thread(target=lambda: outcome.append(store.receive_event(event)))
-        receiver.start()
+
+        def commit() -> None:
+            try:
+                store.commit_event(
+                    EventCommit(
+                        event=event,
+                        status=InboxStatus.PROCESSED,
+                        expected_status=got.stored_status,
+                        audit_head=got.audit_head,
+                        order=order,
+                        new_state=_paid(),
+                        audit=(_draft(tenant, "o1"),),
+                        effects=(NewEffect(tenant, "o1", "receipt", "paid"),),
+                        order_id="o1",
+                    )
+                )
+            except ConcurrentUpdateError as error:
+                outcome.append(error)
+            else:
+                outcome.append(None)
+
+        committer = threading.Thread(target=commit)
+        committer.start()
         try:
             _wait_until_someone_waits_for_a_lock(engine, "idempay_inbox")
             other.commit()
         finally:
-            receiver.join(timeout=60)
+            committer.join(timeout=60)
             other.close()
     finally:
         engine.dispose()
-    (got,) = outcome
-    assert not got.inserted
-    assert got.event.payload == b"other"
+    (error,) = outcome
+    assert isinstance(error, ConcurrentUpdateError)
+    after = _written(store, tenant, event.event_id)
+    assert after[:2] == before[:2]
+    assert after[3] == before[3]
+    assert after[2] is not None
+    assert after[2].payload == b"other"
 
 
 @pytest.mark.anyio
@@ -1466,11 +1573,13 @@ async def test_the_async_webhook_steps_match_the_sync_ones(
     tenant = _uid()
     async with store.transaction() as tx:
         order, _ = await tx.insert_order(tenant, "o1", NEW)
-    got = await store.receive_event(_inbox_event(f"evt_{tenant}"), tenant=tenant, order_id="o1")
-    assert (got.inserted, got.order, got.audit_head) == (True, order, AuditHead())
+    event = _inbox_event(f"evt_{tenant}")
+    got = await store.receive_event(event, tenant=tenant, order_id="o1")
+    assert (got.event, got.order, got.audit_head) == (None, order, AuditHead())
     commit = EventCommit(
-        event=got.event,
+        event=event,
         status=InboxStatus.PROCESSED,
+        expected_status=got.stored_status,
         audit_head=got.audit_head,
         order=got.order,
         new_state=_paid(),
@@ -1485,3 +1594,5 @@ async def test_the_async_webhook_steps_match_the_sync_ones(
     async with store.transaction() as tx:
         assert verify_trail(await tx.audit_trail(tenant, "o1")).ok
     assert len(await store.effects_for(tenant, "o1")) == 2
+    again = await store.receive_event(event, tenant=tenant, order_id="o1")
+    assert again.stored_status is InboxStatus.PROCESSED

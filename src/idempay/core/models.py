@@ -156,30 +156,39 @@ class AuditHead:
 
 @dataclass(frozen=True, slots=True)
 class EventReception:
-    """What :meth:`~idempay.protocols.PaymentStore.receive_event` found, in one atomic step.
+    """What :meth:`~idempay.protocols.PaymentStore.receive_event` read, in one snapshot.
 
-    ``event`` is the stored inbox row (the earlier one when ``inserted`` is False); ``order``
-    the order the event concerns, if it exists; ``audit_head`` the end of that order's trail.
+    ``event`` is the stored inbox row, or None when the event was never stored (a first
+    delivery); ``order`` the order the event concerns, if it exists; ``audit_head`` the end of
+    that order's trail. Receiving writes nothing: the inbox row is written by the commit.
     """
 
-    event: InboxEvent
-    inserted: bool
+    event: InboxEvent | None
     order: OrderRecord | None
     audit_head: AuditHead
+
+    @property
+    def stored_status(self) -> InboxStatus | None:
+        """The stored row's status, None if there is no row: a commit's ``expected_status``."""
+        return None if self.event is None else self.event.status
 
 
 @dataclass(frozen=True, slots=True)
 class EventCommit:
     """Everything one webhook event changes, written by one atomic step.
 
-    ``order`` is the record read by ``receive_event`` and ``new_state`` its state after the
-    transition (None: the order is not touched); ``audit`` is appended after ``audit_head``;
-    ``effects`` are enqueued (existing ones are left alone); the inbox row gets ``status``,
-    ``error`` and ``order_id``.
+    ``event`` is the event as received. Its inbox row is inserted, with ``status``, ``error``
+    and ``order_id`` (one attempt), when ``expected_status`` is None and no row exists; when
+    ``expected_status`` is a status, the existing row is updated (one more attempt) only if its
+    status is still that one. Anything else means a concurrent delivery got there first: the
+    commit is refused, writing nothing. ``order`` is the record read by ``receive_event`` and
+    ``new_state`` its state after the transition (None: the order is not touched); ``audit``
+    is appended after ``audit_head``; ``effects`` are enqueued (existing ones are left alone).
     """
 
     event: InboxEvent
     status: InboxStatus
+    expected_status: InboxStatus | None
     audit_head: AuditHead
     order: OrderRecord | None = None
     new_state: OrderState | None = None

@@ -554,7 +554,8 @@ class AsyncGuard:
     ) -> WebhookOutcome:
         got = await self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
         stored = got.event
-        if not got.inserted and stored.status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+        if stored is not None and stored.status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+            # A duplicate: one read, nothing written.
             log_decision(
                 AuditStep.DUPLICATE,
                 source=AuditSource.WEBHOOK,
@@ -564,17 +565,24 @@ class AsyncGuard:
             )
             return WebhookOutcome.DUPLICATE
         if got.order is None:
-            return await self._orphan(event, got, tenant)
-        return await self._decide(event, got, got.order)
+            return await self._orphan(event, inbox, got, tenant)
+        return await self._decide(event, inbox, got, got.order)
 
     async def _orphan(
-        self, event: StripeEvent, got: EventReception, tenant: str | None
+        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, tenant: str | None
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         status = InboxStatus.IGNORED if observation is None else InboxStatus.ORPHAN
-        if got.event.status is not status:
+        if got.stored_status is not status:
+            # Stored now (a first delivery), or its status changed: kept for when the order
+            # appears. A concurrent delivery that stored it first makes this commit refuse.
             await self.payments.commit_event(
-                EventCommit(event=got.event, status=status, audit_head=got.audit_head)
+                EventCommit(
+                    event=inbox,
+                    status=status,
+                    expected_status=got.stored_status,
+                    audit_head=got.audit_head,
+                )
             )
         step = AuditStep.IGNORED if observation is None else AuditStep.ORPHANED
         log_decision(
@@ -588,14 +596,20 @@ class AsyncGuard:
         return WebhookOutcome.IGNORED if observation is None else WebhookOutcome.ORPHANED
 
     async def _decide(
-        self, event: StripeEvent, got: EventReception, order: OrderRecord
+        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, order: OrderRecord
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         now = self.clock.now()
         if observation is None:
             draft = self._draft(order, AuditStep.IGNORED, event, now, reason=event.type)
             await self._commit(
-                got, order, new_state=None, drafts=(draft,), effects=(), status=InboxStatus.IGNORED
+                inbox,
+                got,
+                order,
+                new_state=None,
+                drafts=(draft,),
+                effects=(),
+                status=InboxStatus.IGNORED,
             )
             return WebhookOutcome.IGNORED
         transition = apply(order.state, observation)
@@ -607,6 +621,7 @@ class AsyncGuard:
         effects = self._effects_for(order, transition)
         self.faults.reach(FaultPoint.WEBHOOK_BEFORE_COMMIT)
         await self._commit(
+            inbox,
             got,
             order,
             new_state=new_state,
@@ -625,6 +640,7 @@ class AsyncGuard:
 
     async def _commit(
         self,
+        inbox: InboxEvent,
         got: EventReception,
         order: OrderRecord,
         *,
@@ -635,8 +651,9 @@ class AsyncGuard:
     ) -> None:
         await self.payments.commit_event(
             EventCommit(
-                event=got.event,
+                event=inbox,
                 status=status,
+                expected_status=got.stored_status,
                 audit_head=got.audit_head,
                 order=order,
                 new_state=new_state,

@@ -552,7 +552,8 @@ class Guard:
     ) -> WebhookOutcome:
         got = self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
         stored = got.event
-        if not got.inserted and stored.status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+        if stored is not None and stored.status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+            # A duplicate: one read, nothing written.
             log_decision(
                 AuditStep.DUPLICATE,
                 source=AuditSource.WEBHOOK,
@@ -562,17 +563,24 @@ class Guard:
             )
             return WebhookOutcome.DUPLICATE
         if got.order is None:
-            return self._orphan(event, got, tenant)
-        return self._decide(event, got, got.order)
+            return self._orphan(event, inbox, got, tenant)
+        return self._decide(event, inbox, got, got.order)
 
     def _orphan(
-        self, event: StripeEvent, got: EventReception, tenant: str | None
+        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, tenant: str | None
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         status = InboxStatus.IGNORED if observation is None else InboxStatus.ORPHAN
-        if got.event.status is not status:
+        if got.stored_status is not status:
+            # Stored now (a first delivery), or its status changed: kept for when the order
+            # appears. A concurrent delivery that stored it first makes this commit refuse.
             self.payments.commit_event(
-                EventCommit(event=got.event, status=status, audit_head=got.audit_head)
+                EventCommit(
+                    event=inbox,
+                    status=status,
+                    expected_status=got.stored_status,
+                    audit_head=got.audit_head,
+                )
             )
         step = AuditStep.IGNORED if observation is None else AuditStep.ORPHANED
         log_decision(
@@ -586,14 +594,20 @@ class Guard:
         return WebhookOutcome.IGNORED if observation is None else WebhookOutcome.ORPHANED
 
     def _decide(
-        self, event: StripeEvent, got: EventReception, order: OrderRecord
+        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, order: OrderRecord
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         now = self.clock.now()
         if observation is None:
             draft = self._draft(order, AuditStep.IGNORED, event, now, reason=event.type)
             self._commit(
-                got, order, new_state=None, drafts=(draft,), effects=(), status=InboxStatus.IGNORED
+                inbox,
+                got,
+                order,
+                new_state=None,
+                drafts=(draft,),
+                effects=(),
+                status=InboxStatus.IGNORED,
             )
             return WebhookOutcome.IGNORED
         transition = apply(order.state, observation)
@@ -605,6 +619,7 @@ class Guard:
         effects = self._effects_for(order, transition)
         self.faults.reach(FaultPoint.WEBHOOK_BEFORE_COMMIT)
         self._commit(
+            inbox,
             got,
             order,
             new_state=new_state,
@@ -623,6 +638,7 @@ class Guard:
 
     def _commit(
         self,
+        inbox: InboxEvent,
         got: EventReception,
         order: OrderRecord,
         *,
@@ -633,8 +649,9 @@ class Guard:
     ) -> None:
         self.payments.commit_event(
             EventCommit(
-                event=got.event,
+                event=inbox,
                 status=status,
+                expected_status=got.stored_status,
                 audit_head=got.audit_head,
                 order=order,
                 new_state=new_state,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator, Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -783,12 +784,13 @@ class PaymentStoreContract(_AsyncFixtures):
 
     def _receive(
         self, store: PaymentStore, event_id: str, intent: str | None, **hint: str
-    ) -> EventReception:
+    ) -> tuple[InboxEvent, EventReception]:
         with store.transaction() as tx:
             now = tx.now()
-        return store.receive_event(_event(event_id, now, payment_intent_id=intent), **hint)
+        event = _event(event_id, now, payment_intent_id=intent)
+        return event, store.receive_event(event, **hint)
 
-    def test_receive_event_inserts_once_and_finds_the_order(
+    def test_receive_event_writes_nothing_and_finds_the_order(
         self, store: PaymentStore
     ) -> None:
         tenant, intent = _uid(), f"pi_{_uid()}"
@@ -797,18 +799,30 @@ class PaymentStoreContract(_AsyncFixtures):
             tx.append_audit(
                 AuditDraft(tenant, "o1", AuditStep.STARTED, AuditSource.CHECKOUT, tx.now())
             )
-        first = self._receive(store, f"evt_{tenant}", intent)
-        assert first.inserted
+        event, first = self._receive(store, f"evt_{tenant}", intent)
+        assert (first.event, first.stored_status) == (None, None)
         assert first.order == order
         assert first.audit_head.seq == 1
-        again = self._receive(store, f"evt_{tenant}", intent)
-        assert not again.inserted
-        assert again.event == first.event
-        by_metadata = self._receive(
+        _, again = self._receive(store, f"evt_{tenant}", intent)
+        assert again.event is None  # receiving stored nothing
+        store.commit_event(
+            EventCommit(
+                event=event,
+                status=InboxStatus.ORPHAN,
+                expected_status=None,
+                audit_head=first.audit_head,
+            )
+        )
+        _, stored = self._receive(store, f"evt_{tenant}", intent)
+        assert stored.event is not None
+        assert stored.stored_status is InboxStatus.ORPHAN
+        assert (stored.event.payload, stored.event.attempts) == (event.payload, 1)
+        assert stored.order == order
+        _, by_metadata = self._receive(
             store, f"evt_{tenant}_2", f"pi_{_uid()}", tenant=tenant, order_id="o1"
         )
         assert by_metadata.order == order
-        orphan = self._receive(store, f"evt_{tenant}_3", f"pi_{_uid()}")
+        _, orphan = self._receive(store, f"evt_{tenant}_3", f"pi_{_uid()}")
         assert orphan.order is None
         assert orphan.audit_head == AuditHead()
 
@@ -818,25 +832,22 @@ class PaymentStoreContract(_AsyncFixtures):
         tenant, intent = _uid(), f"pi_{_uid()}"
         with store.transaction() as tx:
             tx.insert_order(tenant, "o1", _state(intent=intent))
-        got = self._receive(store, f"evt_{tenant}", intent)
+        event, got = self._receive(store, f"evt_{tenant}", intent)
         assert got.order is not None
         paid = _state(OrderStatus.PAID, intent)
 
         def commit(reception: EventReception) -> EventCommit:
             assert reception.order is not None
             return EventCommit(
-                event=reception.event,
+                event=event,
                 status=InboxStatus.PROCESSED,
+                expected_status=reception.stored_status,
                 audit_head=reception.audit_head,
                 order=reception.order,
                 new_state=paid,
                 audit=(
                     AuditDraft(
-                        tenant,
-                        "o1",
-                        AuditStep.SUCCEEDED,
-                        AuditSource.WEBHOOK,
-                        got.event.received_at,
+                        tenant, "o1", AuditStep.SUCCEEDED, AuditSource.WEBHOOK, event.received_at
                     ),
                 ),
                 effects=(NewEffect(tenant, "o1", "receipt", "paid"),),
@@ -853,8 +864,51 @@ class PaymentStoreContract(_AsyncFixtures):
             assert [e.seq for e in tx.audit_trail(tenant, "o1")] == [1]
             stored = tx.get_event("", f"evt_{tenant}")
             assert stored is not None
-            assert (stored.status, stored.order_id) == (InboxStatus.PROCESSED, "o1")
+            assert (stored.status, stored.order_id, stored.attempts) == (
+                InboxStatus.PROCESSED,
+                "o1",
+                1,
+            )
+            assert stored.processed_at is not None
         assert len(outbox.effects_for(tenant, "o1")) == 1
+
+    def test_commit_event_updates_a_stored_event_only_from_the_status_read(
+        self, store: PaymentStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        event, got = self._receive(store, f"evt_{tenant}", intent)
+        orphaned = EventCommit(
+            event=event, status=InboxStatus.ORPHAN, expected_status=None, audit_head=AuditHead()
+        )
+        assert store.commit_event(orphaned) is None
+        with pytest.raises(ConcurrentUpdateError):  # it is no longer absent
+            store.commit_event(orphaned)
+        with store.transaction() as tx:
+            order, _ = tx.insert_order(tenant, "o1", _state(intent=intent))
+        _, got = self._receive(store, f"evt_{tenant}", intent)
+        assert (got.stored_status, got.order) == (InboxStatus.ORPHAN, order)
+        applied = EventCommit(
+            event=event,
+            status=InboxStatus.PROCESSED,
+            expected_status=InboxStatus.ORPHAN,
+            audit_head=got.audit_head,
+            order=order,
+            new_state=_state(OrderStatus.PAID, intent),
+            order_id="o1",
+        )
+        # Expecting another status than the stored one is refused, and writes nothing.
+        with pytest.raises(ConcurrentUpdateError):
+            store.commit_event(replace(applied, expected_status=InboxStatus.FAILED))
+        written = store.commit_event(applied)
+        assert written is not None
+        assert written.version == 2
+        with pytest.raises(ConcurrentUpdateError):  # the order moved, and so did the row
+            store.commit_event(replace(applied, order=written))
+        with store.transaction() as tx:
+            stored = tx.get_event("", f"evt_{tenant}")
+            assert tx.get_order(tenant, "o1") == written
+        assert stored is not None
+        assert (stored.status, stored.attempts, stored.order_id) == (InboxStatus.PROCESSED, 2, "o1")
 
     def test_commit_event_without_a_change_still_guards_the_trail(
         self, store: PaymentStore
@@ -862,13 +916,14 @@ class PaymentStoreContract(_AsyncFixtures):
         tenant, intent = _uid(), f"pi_{_uid()}"
         with store.transaction() as tx:
             tx.insert_order(tenant, "o1", _state(intent=intent))
-        a = self._receive(store, f"evt_a{tenant}", intent)
-        b = self._receive(store, f"evt_b{tenant}", intent)
+        a_event, a = self._receive(store, f"evt_a{tenant}", intent)
+        b_event, b = self._receive(store, f"evt_b{tenant}", intent)
 
-        def stale(reception: EventReception) -> EventCommit:
+        def stale(event: InboxEvent, reception: EventReception) -> EventCommit:
             return EventCommit(
-                event=reception.event,
+                event=event,
                 status=InboxStatus.PROCESSED,
+                expected_status=reception.stored_status,
                 audit_head=reception.audit_head,
                 order=reception.order,
                 audit=(
@@ -877,14 +932,74 @@ class PaymentStoreContract(_AsyncFixtures):
                         "o1",
                         AuditStep.IGNORED_STALE,
                         AuditSource.WEBHOOK,
-                        reception.event.received_at,
+                        event.received_at,
                     ),
                 ),
             )
 
-        assert store.commit_event(stale(a)) == a.order
+        assert store.commit_event(stale(a_event, a)) == a.order
         with pytest.raises(ConcurrentUpdateError):
-            store.commit_event(stale(b))
+            store.commit_event(stale(b_event, b))
+        with store.transaction() as tx:  # the refused commit stored nothing
+            assert tx.get_event("", f"evt_b{tenant}") is None
+
+    def test_concurrent_deliveries_of_one_event_commit_it_once(
+        self, store: PaymentStore, outbox: OutboxStore
+    ) -> None:
+        tenant, intent = _uid(), f"pi_{_uid()}"
+        with store.transaction() as tx:
+            tx.insert_order(tenant, "o1", _state(intent=intent))
+        # Without an order change too: the inbox row alone must decide (a second event id).
+        orphan_id = f"evt_orphan_{tenant}"
+
+        def deliver(i: int) -> int:
+            event_id, bare = (f"evt_{tenant}", False) if i % 2 else (orphan_id, True)
+            for _attempt in range(500):
+                event, got = self._receive(store, event_id, None if bare else intent)
+                if got.stored_status is not None:
+                    return 0  # a duplicate: another delivery committed it
+                order = None if bare else got.order
+                commit = EventCommit(
+                    event=event,
+                    status=InboxStatus.ORPHAN if bare else InboxStatus.PROCESSED,
+                    expected_status=None,
+                    audit_head=got.audit_head,
+                    order=order,
+                    new_state=None if bare else _state(OrderStatus.PAID, intent),
+                    audit=()
+                    if bare
+                    else (
+                        AuditDraft(
+                            tenant,
+                            "o1",
+                            AuditStep.SUCCEEDED,
+                            AuditSource.WEBHOOK,
+                            event.received_at,
+                        ),
+                    ),
+                    effects=() if bare else (NewEffect(tenant, "o1", "receipt", "paid"),),
+                )
+                try:
+                    store.commit_event(commit)
+                except ConcurrentUpdateError:
+                    continue
+                return 1
+            pytest.fail("a delivery never settled")
+
+        committed = concurrently(THREADS, deliver)
+        assert sum(committed) == 2
+        with store.transaction() as tx:
+            final = tx.get_order(tenant, "o1")
+            trail = list(tx.audit_trail(tenant, "o1"))
+            stored = tx.get_event("", f"evt_{tenant}")
+            orphan = tx.get_event("", orphan_id)
+        assert final is not None
+        assert final.version == 2
+        assert [e.seq for e in trail] == [1]
+        assert len(outbox.effects_for(tenant, "o1")) == 1
+        assert stored is not None
+        assert orphan is not None
+        assert (stored.attempts, orphan.attempts) == (1, 1)
 
     def test_concurrent_events_on_one_order_all_apply_in_one_chain(
         self, store: PaymentStore
@@ -895,7 +1010,7 @@ class PaymentStoreContract(_AsyncFixtures):
 
         def deliver(i: int) -> None:
             for _attempt in range(500):
-                got = self._receive(store, f"evt_{i}_{tenant}", intent)
+                event, got = self._receive(store, f"evt_{i}_{tenant}", intent)
                 assert got.order is not None
                 bumped = OrderState(
                     OrderStatus.CREATED,
@@ -905,13 +1020,14 @@ class PaymentStoreContract(_AsyncFixtures):
                     failures=got.order.state.failures + 1,
                 )
                 draft = AuditDraft(
-                    tenant, "o1", AuditStep.FAILED, AuditSource.WEBHOOK, got.event.received_at
+                    tenant, "o1", AuditStep.FAILED, AuditSource.WEBHOOK, event.received_at
                 )
                 try:
                     store.commit_event(
                         EventCommit(
-                            event=got.event,
+                            event=event,
                             status=InboxStatus.PROCESSED,
+                            expected_status=got.stored_status,
                             audit_head=got.audit_head,
                             order=got.order,
                             new_state=bumped,

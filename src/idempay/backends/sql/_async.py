@@ -64,6 +64,8 @@ from idempay.backends.sql._webhook import (
     PG_RECEIVE,
     PORTABLE_READ,
     guarded_audit,
+    guarded_status,
+    is_guard_failure,
     pg_reception,
     pg_statement,
     plan_commit,
@@ -115,7 +117,7 @@ _Op: TypeAlias = Callable[["AsyncConnection"], Awaitable[T]]  # unasync: remove
 
 _READ_COMMITTED: Final = "READ COMMITTED"
 _AUTOCOMMIT: Final = "AUTOCOMMIT"
-# A PostgreSQL claim or receive that finds a row committed after its snapshot runs again at
+# A PostgreSQL claim that finds a row committed after its snapshot runs again at
 # once (a new statement, a new snapshot); this many rounds in a row mean something else is
 # wrong.
 _ROUNDS: Final = 5
@@ -123,7 +125,7 @@ _ROUNDS: Final = 5
 # transactions' now() (seconds); in between it counts on this machine's monotonic clock.
 _RESAMPLE_AFTER: Final = 60.0
 _FINISHED: Final = (InboxStatus.PROCESSED, InboxStatus.IGNORED)
-_MOVED: Final = "the order or its audit trail changed since it was read"
+_MOVED: Final = "the event, the order or its audit trail changed since they were read"
 
 
 class _Refusal(Exception):  # noqa: N818 - never escapes: re-raised as its ``error``
@@ -703,9 +705,10 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
     every race, and outbox dispatchers lease entries with ``FOR UPDATE SKIP LOCKED``
     (PostgreSQL, MySQL 8, MariaDB 10.6+) or under SQLite's single writer.
 
-    :meth:`receive_event` and :meth:`commit_event` are the webhook's two steps: on PostgreSQL
-    each is ONE statement in autocommit (one round trip); on SQLite and MySQL each is one short
-    transaction of two (receive) or four (commit) statements.
+    :meth:`receive_event` and :meth:`commit_event` are the webhook's two steps: a read that
+    writes nothing, then one durable commit. On PostgreSQL each is ONE statement in autocommit
+    (one round trip); on SQLite and MySQL the read is one statement and the commit one short
+    transaction of four statements or so.
 
     Pass your own connection to :meth:`transaction` to run inside your transaction (with the
     ORM, ``session.connection()``; with an ``AsyncSession``, ``await session.connection()``).
@@ -815,73 +818,66 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
     ) -> EventReception:
         """See :meth:`idempay.protocols.AsyncPaymentStore.receive_event`.
 
-        PostgreSQL: one statement in autocommit (the insert, the order and the trail's end
-        read in its snapshot). SQLite and MySQL: the insert and one read, in one transaction.
+        One read, in one snapshot, that writes nothing: the inbox row, the order and the end of
+        its trail. PostgreSQL runs it in autocommit (one round trip).
         """
-        params = receive_params(self._kind, event, tenant, order_id)
+        params = receive_params(event, tenant, order_id)
         if self._kind is Kind.POSTGRESQL:
 
-            async def one_statement(conn: AsyncConnection) -> EventReception:
-                for _ in range(_ROUNDS):
-                    row = (await conn.execute(PG_RECEIVE, params)).mappings().one()
-                    got = pg_reception(event, row)
-                    if got is not None:
-                        return got
-                raise TransientStoreError(
-                    "receive_event: kept racing concurrent writers", attempts=1
-                )
+            async def pg_read(conn: AsyncConnection) -> EventReception:
+                return pg_reception((await conn.execute(PG_RECEIVE, params)).mappings().one())
 
-            return await self._run("receive_event", one_statement, single=True)
+            return await self._run("receive_event", pg_read, single=True)
 
-        async def transaction(conn: AsyncConnection) -> EventReception:
-            inserted = await _insert_row(conn, self._kind, self._s.insert_event, params)
-            found = params | {"want_event": 0 if inserted else 1}
-            row = (await conn.execute(PORTABLE_READ, found)).mappings().one()
-            got = portable_reception(event, row, inserted=inserted)
-            if got is None:
-                # Deleted between the conflict and the read (a purge): run it again.
-                raise TransientStoreError("receive_event: the inbox event vanished", attempts=1)
-            return got
+        async def read(conn: AsyncConnection) -> EventReception:
+            return portable_reception((await conn.execute(PORTABLE_READ, params)).mappings().one())
 
-        return await self._run("receive_event", transaction)
+        return await self._run("receive_event", read, single=True)
 
     async def commit_event(self, commit: EventCommit) -> OrderRecord | None:
         """See :meth:`idempay.protocols.AsyncPaymentStore.commit_event`.
 
         The audit drafts are sealed here, after ``commit.audit_head``. PostgreSQL: one
-        statement in autocommit whose every write is conditional on the compare-and-set and on
-        the trail still ending at the head. SQLite and MySQL: one transaction (compare-and-set,
-        guarded audit insert, outbox insert, inbox update), rolled back on the first refusal.
-        A transient failure is retried whole; a refusal is not (the caller must read again).
+        statement in autocommit, one round trip and one commit (see ``_webhook.pg_commit`` for
+        how it writes all or nothing). SQLite and MySQL: one transaction (compare-and-set,
+        guarded audit insert, outbox insert, inbox insert or guarded update), rolled back on
+        the first refusal. A transient failure is retried whole; a refusal is not (the caller
+        must read again).
 
         Raises:
-            ConcurrentUpdateError: the order or its trail moved; nothing was written.
+            ConcurrentUpdateError: the inbox row, the order or its trail moved, or the new
+                PaymentIntent is another order's; nothing was written.
             ConfigurationError: the audit drafts are not all of the commit's order.
-            StoreError: the event is not in the inbox; nothing was written.
         """
-        plan = plan_commit(commit)
+        plan = plan_commit(self._kind, commit)
         if self._kind is Kind.POSTGRESQL:
             stmt, params = pg_statement(plan, bound=self._bound)
 
             async def one_statement(conn: AsyncConnection) -> OrderRecord | None:
                 try:
                     result = await conn.execute(stmt, params | self._now())
-                except sa.exc.IntegrityError as error:
-                    if is_unique_violation(error):
+                except sa.exc.DBAPIError as error:
+                    # A duplicate key (an audit entry appended concurrently, a PaymentIntent
+                    # taken) or the guard: the statement failed, so it wrote nothing.
+                    if is_unique_violation(error) or is_guard_failure(error):
                         raise _Refusal(ConcurrentUpdateError(_MOVED)) from error
                     raise
                 row = result.mappings().one()
                 if row["done"] != 1:
-                    raise _Refusal(
-                        ConcurrentUpdateError(_MOVED)
-                        if row["known"]
-                        else StoreError("no such inbox event")
-                    )
-                return order_from_row(row["order_row"]) if plan.update else commit.order
+                    raise _Refusal(ConcurrentUpdateError(_MOVED))
+                if commit.order is None or commit.new_state is None:
+                    return commit.order
+                return replace(
+                    commit.order,
+                    state=commit.new_state,
+                    version=commit.order.version + 1,
+                    updated_at=from_micros(row["updated_at"]),
+                )
 
             op: _Op[OrderRecord | None] = one_statement
         else:
             s, audit_insert = self._s, guarded_audit(self._kind)
+            set_status = guarded_status(plan.finished)
 
             async def transaction(conn: AsyncConnection) -> OrderRecord | None:
                 now = {"now": await self._stamp(conn)}
@@ -899,9 +895,15 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
                     raise
                 if plan.effects:
                     await conn.execute(s.enqueue_ignoring, [e | now for e in plan.effects])
-                done = await conn.execute(s.set_status[(plan.finished, False)], plan.status | now)
-                if done.rowcount != 1:
-                    raise _Refusal(StoreError("no such inbox event"))
+                if plan.fresh:
+                    processed = now["now"] if plan.finished else None
+                    row = plan.row | {"p_processed_at": processed}
+                    written = await _insert_row(conn, self._kind, s.insert_event, row)
+                else:
+                    written = (await conn.execute(set_status, plan.status | now)).rowcount == 1
+                if not written:
+                    # A concurrent delivery of the same event stored or changed the row.
+                    raise _Refusal(ConcurrentUpdateError(_MOVED))
                 if commit.order is None or commit.new_state is None:
                     return commit.order
                 return replace(

@@ -1,10 +1,12 @@
 """The webhook's two steps (``receive_event``, ``commit_event``) as few statements as each
 database allows, and the conversion of their parameters and results.
 
-PostgreSQL runs each step as ONE statement in autocommit (data-modifying CTEs): one round trip,
-no BEGIN, no COMMIT. SQLite and MySQL/MariaDB, which have no data-modifying CTEs, run each step
-as one short transaction: receive is an insert and one read; commit is the compare-and-set, the
-guarded audit insert, the outbox insert and the inbox update.
+``receive_event`` writes nothing: it is ONE read everywhere (the inbox row, the order and the
+end of its trail). ``commit_event`` is the webhook's only durable write: on PostgreSQL ONE
+statement in autocommit (data-modifying CTEs: one round trip, one commit, no BEGIN); on SQLite
+and MySQL/MariaDB, which have no data-modifying CTEs, one short transaction (the order's
+compare-and-set, the guarded audit insert, the outbox insert, the inbox insert or guarded
+update).
 
 Hash chaining happens in Python: the entries are sealed from the audit head read by
 ``receive_event``, and the statement writes them with their ``seq``, ``prev_hash`` and
@@ -22,7 +24,7 @@ Building a statement performs no I/O, so the sync and async stores share every o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any, Final
 
@@ -51,10 +53,13 @@ from idempay.core.models import (
 from idempay.errors import ConcurrentUpdateError, ConfigurationError
 
 __all__ = [
+    "GUARD_SQLSTATE",
     "PG_RECEIVE",
     "PORTABLE_READ",
     "CommitPlan",
     "guarded_audit",
+    "guarded_status",
+    "is_guard_failure",
     "pg_commit",
     "pg_reception",
     "pg_statement",
@@ -72,25 +77,24 @@ _FINISHED: Final = (InboxStatus.PROCESSED, InboxStatus.IGNORED)
 
 # --- receive ---------------------------------------------------------------------------------
 
+_FOUND_ORDER: Final = f"""
+    SELECT f.* FROM {orders.name} f WHERE f.payment_intent_id = :p_payment_intent_id
+    UNION ALL
+    SELECT g.* FROM {orders.name} g WHERE g.tenant = :k_tenant AND g.order_id = :k_order_id
+       AND NOT EXISTS (
+           SELECT 1 FROM {orders.name} p WHERE p.payment_intent_id = :p_payment_intent_id
+       )
+"""
+"""The order an event concerns: by its PaymentIntent, else by the hinted (tenant, order id);
+one row at most (both are unique keys, and the second branch runs only without the first)."""
+
 PG_RECEIVE: Final = sa.text(
     f"""
-WITH ins AS (
-    INSERT INTO {inbox.name} ({", ".join(_INBOX)})
-    VALUES ({", ".join(f":p_{c}" for c in _INBOX)})
-    ON CONFLICT (account, event_id) DO NOTHING
-    RETURNING 1
-), found AS (
-    SELECT 1 AS rank, f.* FROM {orders.name} f WHERE f.payment_intent_id = :p_payment_intent_id
-    UNION ALL
-    SELECT 2, g.* FROM {orders.name} g WHERE g.tenant = :k_tenant AND g.order_id = :k_order_id
-), o AS (
-    SELECT * FROM found ORDER BY rank LIMIT 1
-)
-SELECT (SELECT count(*) FROM ins) AS inserted, to_jsonb(e) - 'payload' AS event,
-       e.payload AS payload, to_jsonb(o) AS order_row, h.seq AS h_seq, h.hash AS h_hash
+SELECT to_jsonb(e) - 'payload' AS event, e.payload AS payload, to_jsonb(o) AS order_row,
+       h.seq AS h_seq, h.hash AS h_hash
   FROM (SELECT 1) AS one
   LEFT JOIN {inbox.name} e ON e.account = :p_account AND e.event_id = :p_event_id
-  LEFT JOIN o ON true
+  LEFT JOIN ({_FOUND_ORDER}) o ON true
   LEFT JOIN LATERAL (
       SELECT a.seq, a.hash FROM {audit.name} a
        WHERE a.tenant = o.tenant AND a.order_id = o.order_id
@@ -98,36 +102,23 @@ SELECT (SELECT count(*) FROM ins) AS inserted, to_jsonb(e) - 'payload' AS event,
   ) h ON true
 """
 ).columns(
-    sa.column("inserted"),
     sa.column("event"),
     sa.column("payload"),
     sa.column("order_row"),
     sa.column("h_seq"),
     sa.column("h_hash"),
 )
-"""PostgreSQL's whole receive: the inbox insert, and in the same snapshot the earlier row (when
-the insert did nothing), the order (by PaymentIntent, else by the hinted order id) and the end
-of its trail. Rows come back as JSON objects (the payload apart, as bytes): a few columns
-instead of thirty, each of which the driver and SQLAlchemy would describe at every call.
-
-The statement's snapshot cannot see the row it inserts, so an inserted event is returned as
-given; nor a row committed while the insert waited for it (READ COMMITTED): then neither is the
-row inserted nor is it seen, and the caller runs the statement again."""
+"""PostgreSQL's whole receive, one read in one snapshot: the inbox row, the order (by
+PaymentIntent, else by the hinted order id) and the end of its trail. Rows come back as JSON
+objects (the payload apart, as bytes): a few columns instead of thirty, each of which the driver
+and SQLAlchemy would describe at every call."""
 
 PORTABLE_READ: Final = sa.text(
     f"""
 SELECT {_EVENT_COLUMNS}, {_ORDER_COLUMNS}, h.seq AS h_seq, h.hash AS h_hash
   FROM (SELECT 1 AS one) base
-  LEFT JOIN {inbox.name} e
-    ON e.account = :p_account AND e.event_id = :p_event_id AND :want_event = 1
-  LEFT JOIN (
-      SELECT f.* FROM {orders.name} f WHERE f.payment_intent_id = :p_payment_intent_id
-      UNION ALL
-      SELECT g.* FROM {orders.name} g WHERE g.tenant = :k_tenant AND g.order_id = :k_order_id
-         AND NOT EXISTS (
-             SELECT 1 FROM {orders.name} p WHERE p.payment_intent_id = :p_payment_intent_id
-         )
-  ) o ON 1 = 1
+  LEFT JOIN {inbox.name} e ON e.account = :p_account AND e.event_id = :p_event_id
+  LEFT JOIN ({_FOUND_ORDER}) o ON 1 = 1
   LEFT JOIN {audit.name} h
     ON h.tenant = o.tenant AND h.order_id = o.order_id
    AND h.seq = (
@@ -140,16 +131,17 @@ SELECT {_EVENT_COLUMNS}, {_ORDER_COLUMNS}, h.seq AS h_seq, h.hash AS h_hash
     sa.column("h_seq"),
     sa.column("h_hash"),
 )
-"""SQLite's and MySQL's receive read, after their inbox insert in the same transaction: the
-earlier row (``want_event``: only when the insert did nothing), the order and its trail's end."""
+"""SQLite's and MySQL's receive, one read: the inbox row, the order and its trail's end."""
 
 
-def receive_params(
-    kind: Kind, event: InboxEvent, tenant: str | None, order_id: str | None
-) -> dict[str, Any]:
-    """The parameters of the receive statements."""
+def receive_params(event: InboxEvent, tenant: str | None, order_id: str | None) -> dict[str, Any]:
+    """The parameters of the receive statements (the key and the correlation hints only: the
+    payload is sent once, by the commit)."""
     hinted = tenant is not None and order_id is not None
-    return event_values(kind, event) | {
+    return {
+        "p_account": event.account,
+        "p_event_id": event.event_id,
+        "p_payment_intent_id": event.payment_intent_id,
         "k_tenant": tenant if hinted else None,
         "k_order_id": order_id if hinted else None,
     }
@@ -160,19 +152,14 @@ def _unprefixed(row: Mapping[Any, Any], prefix: str, names: tuple[str, ...]) -> 
 
 
 def _reception(
-    event: InboxEvent,
     *,
-    inserted: bool,
     stored: Mapping[str, Any] | None,
     order: Mapping[str, Any] | None,
     head_seq: int | None,
     head_hash: str | None,
-) -> EventReception | None:
-    if not inserted and stored is None:
-        return None
+) -> EventReception:
     return EventReception(
-        event=event if stored is None else event_from_row(stored),
-        inserted=inserted,
+        event=event_from_row(stored) if stored is not None else None,
         order=order_from_row(order) if order is not None else None,
         audit_head=AuditHead(head_seq, head_hash)
         if head_seq is not None and head_hash is not None
@@ -180,29 +167,17 @@ def _reception(
     )
 
 
-def pg_reception(event: InboxEvent, row: Mapping[Any, Any]) -> EventReception | None:
-    """What :data:`PG_RECEIVE` found; None if the event's row was not seen (run it again)."""
-    inserted = row["inserted"] == 1
-    stored = None
-    if not inserted and row["event"] is not None:
-        stored = {**row["event"], "payload": row["payload"]}
+def pg_reception(row: Mapping[Any, Any]) -> EventReception:
+    """What :data:`PG_RECEIVE` found."""
+    stored = None if row["event"] is None else {**row["event"], "payload": row["payload"]}
     return _reception(
-        event,
-        inserted=inserted,
-        stored=stored,
-        order=row["order_row"],
-        head_seq=row["h_seq"],
-        head_hash=row["h_hash"],
+        stored=stored, order=row["order_row"], head_seq=row["h_seq"], head_hash=row["h_hash"]
     )
 
 
-def portable_reception(
-    event: InboxEvent, row: Mapping[Any, Any], *, inserted: bool
-) -> EventReception | None:
-    """What :data:`PORTABLE_READ` found; None if the event's row was not seen."""
+def portable_reception(row: Mapping[Any, Any]) -> EventReception:
+    """What :data:`PORTABLE_READ` found."""
     return _reception(
-        event,
-        inserted=inserted,
         stored=None if row["e_account"] is None else _unprefixed(row, "e_", _INBOX),
         order=None if row["o_tenant"] is None else _unprefixed(row, "o_", _ORDERS),
         head_seq=row["h_seq"],
@@ -217,17 +192,22 @@ def portable_reception(
 class CommitPlan:
     """One commit, ready to run: the sealed entries and the parameters of every statement.
 
-    ``update``: the order's compare-and-set runs (an order and a new state were given).
-    ``params`` are those of PostgreSQL's one statement and of the compare-and-set;
-    ``status`` those of the inbox update elsewhere; ``entries`` and ``effects`` hold the
-    per-row parameters of the audit and outbox inserts.
+    ``fresh``: the inbox row is inserted (``expected_status`` None), else updated if its status
+    is still the expected one. ``update``: the order's compare-and-set runs (an order and a new
+    state were given). ``params`` are those of PostgreSQL's one statement and of the
+    compare-and-set; ``row`` those of the inbox insert elsewhere (but ``p_processed_at``, the
+    transaction's time when ``finished``), ``status`` those of the guarded inbox update
+    elsewhere; ``entries`` and ``effects`` hold the per-row parameters of the audit and outbox
+    inserts.
     """
 
+    fresh: bool
     update: bool
     finished: bool
     entries: tuple[dict[str, Any], ...]
     effects: tuple[dict[str, Any], ...]
     params: dict[str, Any]
+    row: dict[str, Any]
     status: dict[str, Any]
 
 
@@ -253,7 +233,7 @@ def _sealed(commit: EventCommit) -> tuple[AuditEntry, ...]:
     return tuple(entries)
 
 
-def plan_commit(commit: EventCommit) -> CommitPlan:
+def plan_commit(kind: Kind, commit: EventCommit) -> CommitPlan:
     """Check ``commit`` and compute everything its statements need, without I/O.
 
     Raises:
@@ -261,16 +241,36 @@ def plan_commit(commit: EventCommit) -> CommitPlan:
         ConcurrentUpdateError: the head is one no trail can end at (seq 0 with another hash).
     """
     entries = _sealed(commit)
-    order = commit.order
+    event, order = commit.event, commit.order
+    fresh = commit.expected_status is None
     update = order is not None and commit.new_state is not None
+    finished = commit.status in _FINISHED
+    expected = None if commit.expected_status is None else commit.expected_status.value
+    order_id = commit.order_id if commit.order_id is not None else event.order_id
     params: dict[str, Any] = {
-        "k_account": commit.event.account,
-        "k_event_id": commit.event.event_id,
+        "k_account": event.account,
+        "k_event_id": event.event_id,
         "e_status": commit.status.value,
         "e_error": commit.error,
         "e_order_id": commit.order_id,
-        "e_finished": commit.status in _FINISHED,
+        "e_finished": finished,
     }
+    row: dict[str, Any] = {}
+    if fresh:
+        row = event_values(
+            kind,
+            replace(
+                event,
+                status=commit.status,
+                attempts=1,
+                error=commit.error,
+                order_id=order_id,
+                processed_at=None,
+            ),
+        )
+        params |= {f"i_{c}": row[f"p_{c}"] for c in _INSERTED}
+    else:
+        params["x_status"] = expected
     if order is not None and commit.new_state is not None:
         params |= state_values(commit.new_state) | {
             "k_tenant": order.tenant,
@@ -285,17 +285,20 @@ def plan_commit(commit: EventCommit) -> CommitPlan:
             "h_hash": commit.audit_head.hash,
         }
     return CommitPlan(
+        fresh=fresh,
         update=update,
-        finished=commit.status in _FINISHED,
+        finished=finished,
         entries=tuple(audit_values(e) for e in entries),
         effects=tuple(effect_values(e) for e in commit.effects),
         params=params,
+        row=row,
         status={
-            "p_account": commit.event.account,
-            "p_event_id": commit.event.event_id,
+            "p_account": event.account,
+            "p_event_id": event.event_id,
             "p_status": commit.status.value,
             "p_error": commit.error,
             "p_order_id": commit.order_id,
+            "x_status": expected,
         },
     )
 
@@ -313,6 +316,7 @@ def pg_statement(plan: CommitPlan, *, bound: bool) -> tuple[sa.TextualSelect, di
     """PostgreSQL's statement for ``plan`` (see :func:`pg_commit`) and its parameters, but for
     ``now`` when ``bound``."""
     stmt = pg_commit(
+        fresh=plan.fresh,
         update=plan.update,
         audit_rows=_rows(len(plan.entries)),
         effects=_rows(len(plan.effects)),
@@ -346,22 +350,65 @@ def _source(prefix: str, names: tuple[str, ...], rows: int) -> str:
     return f"unnest({arrays}) AS {prefix}({', '.join(names)})"
 
 
-@cache
-def pg_commit(*, update: bool, audit_rows: int, effects: int, bound: bool) -> sa.TextualSelect:
-    """PostgreSQL's whole commit as one statement, for one shape of commit (``audit_rows`` and
-    ``effects``: 0, 1, or 2 for many; see :func:`pg_rows`).
+# The inbox columns a fresh row takes from the event as received (``i_`` parameters); its key
+# is ``k_account``/``k_event_id``, and status, attempts, error and processed_at are the commit's.
+_INSERTED: Final = (
+    "type",
+    "created",
+    "payload",
+    "object_id",
+    "payment_intent_id",
+    "order_id",
+    "received_at",
+)
+_CASTS: Final = {"created": "BIGINT", "received_at": "BIGINT", "payload": "BYTEA"}
 
-    ``ok`` holds when the inbox row exists and (with entries) the trail still ends at the head;
-    ``go`` when ``ok`` holds and the order's compare-and-set, if any, matched. Every write is
-    conditional on ``go``, so a lost compare-and-set or a moved head writes nothing at all.
-    The result row says whether the inbox row was updated (``done``: everything was written),
-    whether the inbox row exists (``known``), and holds the order as updated (``order_row``,
-    a JSON object).
+# The guard's error: a division by zero (SQLSTATE 22012) the statement raises on purpose.
+GUARD_SQLSTATE: Final = "22012"
+
+
+@cache
+def pg_commit(
+    *, fresh: bool, update: bool, audit_rows: int, effects: int, bound: bool
+) -> sa.TextualSelect:
+    """PostgreSQL's whole commit as ONE statement, for one shape of commit (``fresh``: the
+    inbox row is inserted, else updated; ``audit_rows`` and ``effects``: 0, 1, or 2 for many).
+
+    Every sub-statement of a statement sees the same snapshot, taken when it starts, and none
+    sees another's writes; only their RETURNING rows pass between them. Under READ COMMITTED a
+    row changed by a transaction that committed after the snapshot is invisible to plain reads
+    but not to writes: an UPDATE waits for the row's writer and re-checks its WHERE against the
+    row as committed, an INSERT waits for a concurrent insert of its key and then conflicts.
+    The snapshot reads are therefore only early refusals; the exact checks are the writes:
+
+    - ``ok``: in the snapshot, the inbox row is absent (``fresh``) or has the expected status,
+      and (with entries) the trail ends at the head. Cheap refusals, no lock taken.
+    - ``upd``: the order's compare-and-set, gated on ``ok``: exact (re-checked on the committed
+      row). A PaymentIntent taken by another order fails the statement (unique violation).
+    - ``evt``: the inbox write, gated on ``upd`` (else on ``ok``): an insert that does nothing
+      if a concurrent delivery inserted the row (ON CONFLICT DO NOTHING, after waiting for it),
+      or an update whose WHERE re-checks the expected status on the committed row. Exact.
+    - ``aud`` and ``eff``: the audit and outbox inserts, gated on ``evt``, hence on everything
+      above. An entry appended concurrently after our snapshot has our first ``seq``: the
+      primary key fails the statement, which rolls back whole.
+    - the guard: writes are gated in one chain, order first, so the only partial outcome is a
+      compare-and-set that matched followed by an inbox write that did not (a concurrent
+      delivery of the same event won); ``guard`` then divides by zero, which fails the
+      statement (SQLSTATE 22012) and undoes the compare-and-set. The divisor is computed from
+      the CTEs' rows at run time, so the planner cannot fold it into an error at plan time.
+
+    The result row says whether everything was written (``done``: the inbox row was) and, with
+    a compare-and-set, the order's new ``updated_at`` (the rest of the row is known already).
+    Taking the order's row lock first, then the inbox row's, then audit keys, every commit
+    locks in the same order.
     """
     now = ":now" if bound else DATABASE_NOW_SQL[Kind.POSTGRESQL]
+    key = "account = :k_account AND event_id = :k_event_id"
     trail = f"{audit.name} WHERE tenant = :h_tenant AND order_id = :h_order_id"
-    known = (
-        f"EXISTS (SELECT FROM {inbox.name} WHERE account = :k_account AND event_id = :k_event_id)"
+    stored = (
+        f"NOT EXISTS (SELECT FROM {inbox.name} WHERE {key})"
+        if fresh
+        else f"EXISTS (SELECT FROM {inbox.name} WHERE {key} AND status = :x_status)"
     )
     head = (
         f" AND NOT EXISTS (SELECT FROM {trail} AND seq > :h_seq)"
@@ -370,7 +417,7 @@ def pg_commit(*, update: bool, audit_rows: int, effects: int, bound: bool) -> sa
         if audit_rows
         else ""
     )
-    ctes = [f"ok AS (SELECT 1 WHERE {known}{head})"]
+    ctes = [f"ok AS (SELECT 1 WHERE {stored}{head})"]
     gate = "ok"
     if update:
         state = ", ".join(f"{c} = :p_{c}" for c in _STATE)
@@ -381,11 +428,35 @@ def pg_commit(*, update: bool, audit_rows: int, effects: int, bound: bool) -> sa
             " AND EXISTS (SELECT FROM ok) RETURNING *)"
         )
         gate = "upd"
+    processed = f"CASE WHEN :e_finished THEN {now} END"
+    if fresh:
+        values = {c: f"CAST(:i_{c} AS {_CASTS.get(c, 'TEXT')})" for c in _INSERTED} | {
+            "account": "CAST(:k_account AS TEXT)",
+            "event_id": "CAST(:k_event_id AS TEXT)",
+            "status": "CAST(:e_status AS TEXT)",
+            "attempts": "1",
+            "processed_at": processed,
+            "error": "CAST(:e_error AS TEXT)",
+        }
+        ctes.append(
+            f"evt AS (INSERT INTO {inbox.name} ({', '.join(_INBOX)})"
+            f" SELECT {', '.join(values[c] for c in _INBOX)}"
+            f" WHERE EXISTS (SELECT FROM {gate})"
+            " ON CONFLICT (account, event_id) DO NOTHING RETURNING 1)"
+        )
+    else:
+        ctes.append(
+            f"evt AS (UPDATE {inbox.name} SET status = :e_status, attempts = attempts + 1,"
+            " error = :e_error, order_id = COALESCE(:e_order_id, order_id),"
+            f" processed_at = COALESCE({processed}, processed_at)"
+            f" WHERE {key} AND status = :x_status"
+            f" AND EXISTS (SELECT FROM {gate}) RETURNING 1)"
+        )
     if audit_rows:
         ctes.append(
             f"aud AS (INSERT INTO {audit.name} ({', '.join(_AUDIT)})"
             f" SELECT * FROM {_source('a', _AUDIT, audit_rows)}"
-            f" WHERE EXISTS (SELECT FROM {gate}))"
+            " WHERE EXISTS (SELECT FROM evt))"
         )
     if effects:
         ctes.append(
@@ -395,22 +466,46 @@ def pg_commit(*, update: bool, audit_rows: int, effects: int, bound: bool) -> sa
             f" SELECT f.tenant, f.order_id, f.effect, f.discriminator, f.payload,"
             f" '{OutboxStatus.PENDING.value}', 0, {now}, {now}, NULL, NULL, 0, NULL"
             f" FROM {_source('f', _EFFECT, effects)}"
-            f" WHERE EXISTS (SELECT FROM {gate})"
+            " WHERE EXISTS (SELECT FROM evt)"
             " ON CONFLICT (tenant, order_id, effect, discriminator) DO NOTHING)"
         )
-    ctes.append(
-        f"evt AS (UPDATE {inbox.name} SET status = :e_status, attempts = attempts + 1,"
-        " error = :e_error, order_id = COALESCE(:e_order_id, order_id),"
-        f" processed_at = CASE WHEN :e_finished THEN {now} ELSE processed_at END"
-        " WHERE account = :k_account AND event_id = :k_event_id"
-        f" AND EXISTS (SELECT FROM {gate}) RETURNING 1)"
-    )
-    select = f"SELECT (SELECT count(*) FROM evt) AS done, {known} AS known"
-    columns: list[sa.ColumnClause[Any]] = [sa.column("done"), sa.column("known")]
+    select = "SELECT (SELECT count(*) FROM evt) AS done"
+    columns: list[sa.ColumnClause[Any]] = [sa.column("done")]
     if update:
-        select += ", to_jsonb(upd) AS order_row FROM (SELECT 1) AS one LEFT JOIN upd ON true"
-        columns.append(sa.column("order_row"))
+        # 1 / 1 when both or neither wrote; 1 / 0, failing the statement, when only upd did.
+        select += (
+            ", 1 / (1 + (SELECT count(*) FROM evt) - (SELECT count(*) FROM upd)) AS guard"
+            ", (SELECT updated_at FROM upd) AS updated_at"
+        )
+        columns += [sa.column("guard"), sa.column("updated_at")]
     return sa.text("WITH " + ",\n".join(ctes) + "\n" + select).columns(*columns)
+
+
+def is_guard_failure(error: sa.exc.DBAPIError) -> bool:
+    """Whether ``error`` is the deliberate failure of :func:`pg_commit`'s guard."""
+    return getattr(error.orig, "sqlstate", None) == GUARD_SQLSTATE
+
+
+@cache
+def guarded_status(finished: bool) -> sa.Update:  # noqa: FBT001 - a cache key
+    """SQLite's and MySQL's inbox update: the row's outcome (one more attempt), written only
+    if its status is still ``x_status`` (the caller checks that one row was written)."""
+    key = sa.and_(
+        inbox.c.account == sa.bindparam("p_account"),
+        inbox.c.event_id == sa.bindparam("p_event_id"),
+        inbox.c.status == sa.bindparam("x_status"),
+    )
+    values: dict[str, Any] = {
+        "status": sa.bindparam("p_status"),
+        "attempts": inbox.c.attempts + 1,
+        "error": sa.bindparam("p_error", type_=inbox.c.error.type),
+        "order_id": sa.func.coalesce(
+            sa.bindparam("p_order_id", type_=inbox.c.order_id.type), inbox.c.order_id
+        ),
+    }
+    if finished:
+        values["processed_at"] = sa.bindparam("now", type_=sa.BigInteger)
+    return sa.update(inbox).where(key).values(values)
 
 
 _STATE: Final = (
