@@ -8,6 +8,11 @@ client of the same settings (its own connection pool, same timeouts), in the sam
     Powertools ``save_inprogress`` (SET NX) + ``save_success`` (SET), as its handler calls them
     idemkit   ``claim`` (one Lua script) + ``complete`` (one Lua script, and a PUBLISH)
 
+``unique`` also has a floor, not a library: ``2 empty scripts`` makes the same two EVALSHA
+round trips as idempay, with the same arguments, to scripts that do nothing. No store that needs
+a round trip to claim and another to complete can beat it; its ratio to Powertools is the
+ceiling of any such store's ratio.
+
 ``dup``: the key was completed before: the call that returns the stored response.
     idempay   ``claim`` -> Existing, then ``decide`` -> Replay (one round trip)
     Powertools ``save_inprogress`` -> SET NX fails, GET, AlreadyExists; the handler then
@@ -25,6 +30,7 @@ validation on every replay fails with IdempotencyValidationError. It does less w
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import secrets
@@ -178,6 +184,49 @@ def _idempay_sync(url: str, prefix: str, *, timeout: float) -> tuple[Any, Any, C
     return unique, dup, client.close
 
 
+def _script_floor(url: str, prefix: str, *, timeout: float) -> tuple[Any, Callable[[], None]]:
+    """Two round trips shaped like idempay's claim and complete, to scripts that do nothing.
+
+    The client work is idempay's (the fingerprint, a token, the record key's digest, the same
+    arguments and a reply as short as idempay's fresh claim), the server's is none: what is left
+    is redis-py and the network. Nothing is written.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    claim_sha = client.script_load("return redis.status_reply('C1:1')")
+    complete_sha = client.script_load("return 1")
+    lease_us = LEASE // timedelta(microseconds=1)
+    retain_us = RETAIN // timedelta(microseconds=1)
+
+    def unique(w: int) -> Any:
+        tag = secrets.token_hex(4)
+
+        def op(i: int) -> None:
+            key = f"fl-{tag}-{w}-{i}"
+            record = f"{prefix}floor:{{{hashlib.sha256(key.encode()).hexdigest()}}}"
+            token = secrets.token_hex(16)
+            fp = _fingerprint(_body(key))
+            client.evalsha(claim_sha, 1, record, fp, token, lease_us, retain_us)
+            body = base64.b64encode(json.dumps(_RESULT, sort_keys=True).encode()).decode()
+            client.evalsha(
+                complete_sha,
+                1,
+                record,
+                token,
+                1,
+                "completed",
+                "201",
+                "application/json",
+                body,
+                "[]",
+            )
+
+        return op
+
+    return unique, client.close
+
+
 def store_clock() -> Callable[[], Any]:
     """The time ``decide`` compares leases with (only read for records in flight)."""
     from idempay.clock import SystemClock
@@ -300,19 +349,22 @@ def _idemkit(
 def open_redis_peers(
     url: str, prefix: str, runner: asyncio.Runner, *, timeout: float = 2.0
 ) -> RedisPeers:
-    """Build the four comparisons (the peer first: it is the reference of the ratio).
+    """Build the four comparisons (the peer first: it is the reference of the ratios; idempay
+    last: its ratio is the one reported).
 
     Raises ImportError when a peer is not installed (``pip install -r
     benchmarks/requirements.txt``).
     """
     layer, close_pt = _powertools(url, prefix, timeout=timeout)
     pt_unique, pt_dup = _powertools_ops(layer)
+    floor_unique, close_floor = _script_floor(url, prefix, timeout=timeout)
     ip_unique, ip_dup, close_ip = _idempay_sync(url, prefix, timeout=timeout)
     ia_unique, ia_dup, close_ia = _idempay_async(url, prefix, runner, timeout=timeout)
     ik_unique, ik_dup, close_ik = _idemkit(url, prefix, runner, timeout=timeout)
 
     def close() -> None:
         close_pt()
+        close_floor()
         close_ip()
         runner.run(close_ia())
         runner.run(close_ik())
@@ -320,6 +372,7 @@ def open_redis_peers(
     return RedisPeers(
         unique_sync=[
             Contender("powertools", sync_op=pt_unique),
+            Contender("2 empty scripts", sync_op=floor_unique),
             Contender("idempay", sync_op=ip_unique),
         ],
         dup_sync=[

@@ -10,8 +10,9 @@ What it measures, per backend (memory, SQLite, PostgreSQL, MariaDB/MySQL, Redis)
 (``seq``) and ``--threads`` callers (``conc``):
 
 - ``claim+complete``: a protected request with a fresh idempotency key;
-- ``webhook apply``: one webhook event's transaction (inbox insert, order compare-and-set,
-  audit row, outbox row) through ``run_transaction``;
+- ``webhook apply``: one new webhook event through the payment store's two steps,
+  ``receive_event`` (inbox insert, order and trail read) and ``commit_event`` (order
+  compare-and-set, audit row, outbox row, inbox status);
 
 and, from the same run, ratios to references measured back to back with idempay:
 
@@ -223,8 +224,8 @@ def section_memory(report: Report, plan: Plan, stack: ExitStack) -> None:
 
 
 def open_sql_stores(url: str, stack: ExitStack) -> tuple[Any, Any]:
-    """The stores as an application builds them: ``from_url`` (READ COMMITTED and
-    ``pool_pre_ping`` on servers; WAL, busy timeout and BEGIN IMMEDIATE on SQLite), with a
+    """The stores as an application builds them: ``from_url`` (READ COMMITTED, no pre-ping, on
+    servers; WAL, busy timeout and BEGIN IMMEDIATE on SQLite), with a
     pool large enough for the concurrent mode, and the tables created."""
     try:
         from idempay.backends.sql import SQLIdempotencyStore, SQLPaymentStore, create_all

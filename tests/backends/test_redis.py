@@ -21,6 +21,7 @@ import pytest
 import redis
 import redis.asyncio
 from redis.crc import key_slot
+from redis.typing import EncodableT, FieldT
 
 from idempay.backends.redis import (
     AsyncRedisIdempotencyStore,
@@ -276,6 +277,25 @@ def test_a_malformed_record_is_a_store_error(client: redis.Redis, prefix: str) -
     client.hset(record_key(prefix, "scope", "k"), mapping={"expires": str(2**52), "x": "y"})
     with pytest.raises(StoreError):
         store.get("scope", "k")
+    whole: dict[FieldT, EncodableT] = {
+        "fp": "fp",
+        "state": "completed",
+        "fence": "1",
+        "created": "0",
+    }
+    bad_fields: list[dict[FieldT, EncodableT]] = [
+        {"expires": str(2**52), "fp": b"\xff"},  # not UTF-8
+        {"expires": str(10**20)},  # past datetime's range
+        {"expires": str(2**52), "state": "lost"},
+        {"expires": str(2**52), "status": "200", "body": "not base64!"},
+    ]
+    for bad in bad_fields:
+        client.delete(record_key(prefix, "scope", "k"))
+        client.hset(record_key(prefix, "scope", "k"), mapping={**whole, **bad})
+        with pytest.raises(StoreError):
+            store.get("scope", "k")
+        with pytest.raises(StoreError):
+            store.claim("scope", "k", "fp", lease_for=LEASE, retain_for=RETAIN)
 
 
 def test_keys_carry_hash_tags_that_keep_a_lock_with_its_fence(
@@ -444,6 +464,95 @@ def test_a_client_that_decodes_responses_works_too(redis_url: str, prefix: str) 
         held = locks.acquire("order:1", ttl=LEASE)
         assert held is not None
         assert locks.release("order:1", held)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["bytes", "decoding"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["redis-clock", "frozen-clock"])
+def test_records_built_from_short_replies_are_exactly_what_get_reads(
+    redis_url: str, prefix: str, decode: bool, frozen: bool
+) -> None:
+    """claim and complete build their records from what they sent and a short reply (the
+    scripts never send a whole record back); each must equal what a later get reads."""
+    clock = FrozenClock() if frozen else None
+    scope, key, fp = "tenant/caf\u00e9 {x}", "K-1 {y}", "fp-\u00e9\n"
+    with redis.Redis.from_url(redis_url, decode_responses=decode) as c:
+        store = RedisIdempotencyStore(c, prefix=prefix, clock=clock)
+        fresh = store.claim(scope, key, fp, lease_for=LEASE, retain_for=RETAIN)
+        assert isinstance(fresh, Claimed)
+        assert fresh.record == store.get(scope, key)
+        assert fresh.record.lease == fresh.lease
+        assert fresh.record.expires_at == fresh.record.created_at + RETAIN
+        assert fresh.lease.expires_at == fresh.record.created_at + LEASE
+
+        store.checkpoint(scope, key, fresh.lease, recovery_point="charged", resource_id="o-1")
+        extended = store.extend(scope, key, fresh.lease, lease_for=RETAIN * 2)  # moves expiry
+        store.release(scope, key, extended)
+        resumed = store.claim(scope, key, fp, lease_for=LEASE, retain_for=RETAIN)
+        assert isinstance(resumed, Claimed)
+        assert resumed.resumed
+        assert resumed.lease.fence == fresh.lease.fence + 1
+        assert resumed.record == store.get(scope, key)
+        assert (resumed.record.recovery_point, resumed.record.resource_id) == ("charged", "o-1")
+
+        done = store.complete(scope, key, resumed.lease, BINARY, failed=True)
+        assert done == store.get(scope, key)
+        assert done.expires_at > fresh.record.expires_at  # the extension is kept
+        existing = store.claim(scope, key, fp, lease_for=LEASE, retain_for=RETAIN)
+        assert isinstance(existing, Existing)
+        assert existing.record == done
+
+
+def test_an_expired_record_is_replaced_whole_with_a_higher_fence(
+    client: redis.Redis, prefix: str
+) -> None:
+    clock = FrozenClock()
+    store = RedisIdempotencyStore(client, prefix=prefix, clock=clock)
+    first = store.claim("scope", "k", "fp", lease_for=LEASE, retain_for=RETAIN)
+    assert isinstance(first, Claimed)
+    store.checkpoint("scope", "k", first.lease, recovery_point="rp", resource_id="o-1")
+    store.complete("scope", "k", first.lease, BINARY)
+    clock.advance(RETAIN)
+    again = store.claim("scope", "k", "other", lease_for=LEASE, retain_for=RETAIN)
+    assert isinstance(again, Claimed)
+    assert not again.resumed
+    assert again.lease.fence == first.lease.fence + 1
+    assert again.record == store.get("scope", "k")
+    assert (again.record.recovery_point, again.record.resource_id) == (None, None)
+    assert again.record.response is None
+    assert again.record.fingerprint == "other"
+
+
+@pytest.mark.anyio
+async def test_async_records_built_from_short_replies_are_exactly_what_get_reads(
+    aclient: redis.asyncio.Redis, prefix: str
+) -> None:
+    store = AsyncRedisIdempotencyStore(aclient, prefix=prefix)
+    fresh = await store.claim("scope", "k", "fp", lease_for=LEASE, retain_for=RETAIN)
+    assert isinstance(fresh, Claimed)
+    assert fresh.record == await store.get("scope", "k")
+    await store.checkpoint("scope", "k", fresh.lease, recovery_point="rp")
+    done = await store.complete("scope", "k", fresh.lease, BINARY)
+    assert done == await store.get("scope", "k")
+    assert done.recovery_point == "rp"
+    existing = await store.claim("scope", "k", "fp", lease_for=LEASE, retain_for=RETAIN)
+    assert isinstance(existing, Existing)
+    assert existing.record == done
+
+
+def test_a_script_cache_flushed_behind_the_stores_back_is_reloaded(
+    private_redis: PrivateRedis,
+) -> None:
+    """The store calls its scripts by SHA1; Redis forgetting them (SCRIPT FLUSH, a failover to
+    a replica that never saw them) costs a reload, not an error."""
+    with (
+        RedisIdempotencyStore.from_url(private_redis.url, prefix="p") as store,
+        redis.Redis.from_url(private_redis.url) as raw,
+    ):
+        claimed = store.claim("scope", "k", "fp", lease_for=LEASE, retain_for=RETAIN)
+        assert isinstance(claimed, Claimed)
+        raw.script_flush()
+        done = store.complete("scope", "k", claimed.lease, BINARY)
+        assert done == store.get("scope", "k")
 
 
 def test_a_checkpoint_without_a_resource_id_keeps_the_previous_one(

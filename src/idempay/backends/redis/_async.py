@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from datetime import timedelta
 from time import monotonic
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 from idempay._lazy import require
 from idempay.backends.redis._lua import (
     LOCK_ACQUIRE,
     LOCK_EXTEND,
     LOCK_RELEASE,
-    PHYSICAL_MARGIN_MS,
     RECORD_CHECKPOINT,
     RECORD_CLAIM,
     RECORD_COMPLETE,
@@ -32,6 +31,8 @@ from idempay.backends.redis._lua import (
     RECORD_RELEASE,
     check_positive,
     check_prefix,
+    decode_claim,
+    decode_completed,
     decode_record,
     from_micros,
     lock_keys,
@@ -40,21 +41,12 @@ from idempay.backends.redis._lua import (
     record_key,
     record_pattern,
     response_args,
-    text,
     to_micros,
     translate_errors,
 )
 from idempay.clock import Clock
 from idempay.core.keys import validate_key
-from idempay.core.records import (
-    Claimed,
-    ClaimResult,
-    Existing,
-    IdempotencyRecord,
-    Lease,
-    RecordState,
-    StoredResponse,
-)
+from idempay.core.records import ClaimResult, IdempotencyRecord, Lease, RecordState, StoredResponse
 from idempay.errors import ConfigurationError, LeaseLostError, LockError, StoreError
 
 if TYPE_CHECKING:
@@ -225,6 +217,9 @@ class AsyncRedisIdempotencyStore:
 
     Every method is one Lua script. Lease and record times come from the Redis server's clock
     (``TIME``), shared by every process, unless a ``clock`` is given (tests, simulations).
+    Scripts reply with as little as the caller needs: the records that :meth:`claim` (for a new
+    record) and :meth:`complete` return are built from what they sent plus the few values the
+    script read or chose in the same step, so they equal what :meth:`get` reads right after.
     A record's key expires by itself a minute after the record does; until then
     :meth:`purge_expired` can delete it.
 
@@ -285,12 +280,30 @@ class AsyncRedisIdempotencyStore:
         await self.aclose()  # unasync: remove
         # self.close()  # unasync: sync-only
 
-    def _now(self) -> str:
-        """The time argument of a script: empty for the Redis server's own clock."""
-        return "" if self._clock is None else str(to_micros(self._clock.now()))
+    def _now(self) -> list[str | int]:
+        """The time argument of a script: none for the Redis server's own clock."""
+        return [] if self._clock is None else [to_micros(self._clock.now())]
 
-    def _key(self, scope: str, key: str) -> list[str]:
-        return [record_key(self._prefix, scope, key)]
+    async def _run(
+        self, script: AsyncScript, scope: str, key: str, args: list[str | int], action: str
+    ) -> Any:
+        """Run ``script`` on the record of (scope, key): one EVALSHA, one round trip.
+
+        Called by SHA1 directly, which skips the Script object's per-call work (an import and
+        two tuple copies); the Script object still loads the script when Redis answers
+        NOSCRIPT (a restarted Redis, a failover, SCRIPT FLUSH): the script had not run, so
+        running it then is safe.
+        """
+        record = record_key(self._prefix, scope, key)
+        # The same translation as translate_errors, inline: this runs on every call, and the
+        # generator-based context manager costs about a microsecond each time.
+        try:
+            try:
+                return await self._client.evalsha(script.sha, 1, record, *args)
+            except redis_exceptions.NoScriptError:
+                return await script(keys=[record], args=args)
+        except (redis_exceptions.RedisError, OSError) as exc:
+            raise StoreError(f"Redis failed to {action} ({type(exc).__name__})") from exc
 
     async def claim(
         self,
@@ -306,23 +319,22 @@ class AsyncRedisIdempotencyStore:
         check_positive(retain_for, "retain_for")
         token = new_token()
         args: list[str | int] = [
-            scope,
-            key,
             fingerprint,
             token,
             to_micros(lease_for),
             to_micros(retain_for),
-            self._now(),
-            PHYSICAL_MARGIN_MS,
+            *self._now(),
         ]
-        with translate_errors(StoreError, "claim an idempotency record"):
-            outcome, fields = await self._claim(keys=self._key(scope, key), args=args)
-        record = decode_record(fields)
-        if text(outcome) == "existing":
-            return Existing(record=record)
-        if record.lease is None or record.lease.token != token:
-            raise StoreError("Redis answered a claim with a record this claim does not own")
-        return Claimed(record=record, lease=record.lease, resumed=text(outcome) == "resumed")
+        reply = await self._run(self._claim, scope, key, args, "claim an idempotency record")
+        return decode_claim(
+            reply,
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            token=token,
+            lease_for=lease_for,
+            retain_for=retain_for,
+        )
 
     async def checkpoint(
         self,
@@ -333,29 +345,19 @@ class AsyncRedisIdempotencyStore:
         recovery_point: str,
         resource_id: str | None = None,
     ) -> None:
-        args: list[str | int] = [
-            lease.token,
-            lease.fence,
-            recovery_point,
-            "0" if resource_id is None else "1",
-            resource_id or "",
-        ]
-        with translate_errors(StoreError, "checkpoint an idempotency record"):
-            written = await self._checkpoint(keys=self._key(scope, key), args=args)
+        args: list[str | int] = [lease.token, lease.fence, recovery_point]
+        if resource_id is not None:
+            args.append(resource_id)
+        written = await self._run(
+            self._checkpoint, scope, key, args, "checkpoint an idempotency record"
+        )
         if int(written) != 1:
             raise LeaseLostError(_LOST)
 
     async def extend(self, scope: str, key: str, lease: Lease, *, lease_for: timedelta) -> Lease:
         check_positive(lease_for, "lease_for")
-        args: list[str | int] = [
-            lease.token,
-            lease.fence,
-            to_micros(lease_for),
-            self._now(),
-            PHYSICAL_MARGIN_MS,
-        ]
-        with translate_errors(StoreError, "extend an idempotency lease"):
-            expiry = await self._extend(keys=self._key(scope, key), args=args)
+        args: list[str | int] = [lease.token, lease.fence, to_micros(lease_for), *self._now()]
+        expiry = await self._run(self._extend, scope, key, args, "extend an idempotency lease")
         if expiry is None:
             raise LeaseLostError(_LOST)
         return Lease(token=lease.token, fence=lease.fence, expires_at=from_micros(int(expiry)))
@@ -369,25 +371,29 @@ class AsyncRedisIdempotencyStore:
         *,
         failed: bool = False,
     ) -> IdempotencyRecord:
+        """See :meth:`idempay.protocols.IdempotencyStore.complete`.
+
+        The record returned is built from what this call sent and the fields the script read
+        in the same step, so it is exactly what a ``get`` would return right after.
+        """
         state = RecordState.FAILED if failed else RecordState.COMPLETED
         args: list[str | int] = [lease.token, lease.fence, state.value, *response_args(response)]
-        with translate_errors(StoreError, "complete an idempotency record"):
-            fields = await self._complete(keys=self._key(scope, key), args=args)
-        if fields is None:
+        reply = await self._run(self._complete, scope, key, args, "complete an idempotency record")
+        if reply is None:
             raise LeaseLostError(_LOST)
-        return decode_record(fields)
+        return decode_completed(
+            reply, scope=scope, key=key, lease=lease, state=state, response=response
+        )
 
     async def release(self, scope: str, key: str, lease: Lease, *, discard: bool = False) -> None:
         args: list[str | int] = [lease.token, lease.fence, "1" if discard else "0"]
-        with translate_errors(StoreError, "release an idempotency record"):
-            released = await self._release(keys=self._key(scope, key), args=args)
+        released = await self._run(self._release, scope, key, args, "release an idempotency record")
         if int(released) != 1:
             raise LeaseLostError(_LOST)
 
     async def get(self, scope: str, key: str) -> IdempotencyRecord | None:
-        with translate_errors(StoreError, "read an idempotency record"):
-            fields = await self._get(keys=self._key(scope, key), args=[self._now()])
-        return decode_record(fields) if fields else None
+        reply = await self._run(self._get, scope, key, self._now(), "read an idempotency record")
+        return None if reply is None else decode_record(reply, scope, key)
 
     async def purge_expired(self, *, limit: int = 1000) -> int:
         """Delete up to ``limit`` expired records under this store's prefix; return the count.
@@ -404,7 +410,7 @@ class AsyncRedisIdempotencyStore:
             while deleted < limit:
                 cursor, batch = await self._client.scan(cursor, match=pattern, count=_SCAN_BATCH)
                 for record in batch:
-                    deleted += int(await self._purge(keys=[record], args=[now]))
+                    deleted += int(await self._purge(keys=[record], args=now))
                     if deleted >= limit:
                         break
                 if cursor == 0:

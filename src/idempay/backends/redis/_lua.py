@@ -14,30 +14,43 @@ Layout:
 - an idempotency record is the hash ``<prefix>:idem:{<digest of scope and key>}`` with the
   fields of :data:`RECORD_FIELDS`; times are integer microseconds since the Unix epoch.
 
-Time: when the caller passes no ``now`` (an empty string) a script reads ``TIME`` on the Redis
-server, so every process agrees on when a lease ran out. Redis 5 and later replicate a
-script's effects rather than its text, which is what allows ``TIME`` before a write.
+Time: when the caller passes no ``now`` (the argument is left out) a script reads ``TIME`` on
+the Redis server, so every process agrees on when a lease ran out. Redis 5 and later replicate
+a script's effects rather than its text, which is what allows ``TIME`` before a write.
 
-Numbers: Redis formats a Lua number passed to ``redis.call`` with 17 significant digits, so
-microsecond timestamps (16 digits, below 2**53) are stored exactly; scripts never build such
-numbers with ``tostring``, which would round them to 14 digits.
+Numbers: Redis formats a Lua number passed to ``redis.call`` with 17 significant digits, and
+``string.format('%d')`` prints all of a 64-bit integer, so microsecond timestamps (16 digits,
+below 2**53) are stored and returned exactly; scripts never build such numbers with
+``tostring`` or ``cjson``, which round them to 14 digits (``cjson`` only ever sees the hash's
+own text values).
+
+Replies are small on purpose: redis-py's pure-Python parser pays for every RESP element it
+reads, so a script answers with a status line or one string, never an array of fields, and
+leaves out what the caller already knows (see ``decode_claim`` and ``decode_completed``).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import math
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 from idempay._lazy import require
-from idempay.core.records import IdempotencyRecord, Lease, RecordState, StoredResponse
+from idempay.core.records import (
+    Claimed,
+    ClaimResult,
+    Existing,
+    IdempotencyRecord,
+    Lease,
+    RecordState,
+    StoredResponse,
+)
 from idempay.errors import ConfigurationError, IdempayError, StoreError
 
 if TYPE_CHECKING:
@@ -60,6 +73,8 @@ __all__ = [
     "RECORD_RELEASE",
     "check_positive",
     "check_prefix",
+    "decode_claim",
+    "decode_completed",
     "decode_record",
     "from_micros",
     "lock_keys",
@@ -81,8 +96,6 @@ own TTL only lets Redis free the memory by itself, a little later, even if nobod
 """
 
 RECORD_FIELDS: Final = (
-    "scope",
-    "key",
     "fp",
     "state",
     "fence",
@@ -99,10 +112,17 @@ RECORD_FIELDS: Final = (
 )
 """The hash fields of a record. ``token``/``lease_exp`` exist while a lease does; ``rp`` and
 ``rid`` once checkpointed; ``status``, ``ctype``, ``body`` (base64) and ``headers`` (a JSON list
-of pairs) once completed. Every value is text, so clients decoding responses work too."""
+of pairs) once completed. ``token`` and ``lease_exp`` only count while ``state`` is
+``in_progress`` (``complete`` leaves them behind rather than pay for an HDEL). Every value is
+text, so clients decoding responses work too.
+
+The scope and the key are not stored: the hash's name is their digest, and every call that
+reads a record names them, so Python fills them in (less to send, store and send back)."""
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
+_ZERO: Final = timedelta(0)
+_STATES: Final = {state.value: state for state in RecordState}
 _RECORD_DIGEST_LABEL: Final = b"idempay/redis-record/v1"
 _LOCK_DIGEST_LABEL: Final = b"idempay/redis-lock/v1"
 _GLOB_SPECIALS: Final = frozenset("*?[]\\")
@@ -111,7 +131,7 @@ _GLOB_SPECIALS: Final = frozenset("*?[]\\")
 
 _NOW: Final = """
 local function now_us(arg)
-  if arg ~= '' then
+  if arg then
     return tonumber(arg)
   end
   local t = redis.call('TIME')
@@ -126,7 +146,7 @@ LOCK_ACQUIRE: Final = (
 -- Returns {fence, now in us} on success, else {0, the holder's remaining ms}.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.call('INCR', KEYS[2])
-  return {fence, now_us('')}
+  return {fence, now_us()}
 end
 return {0, redis.call('PTTL', KEYS[1])}
 """
@@ -146,22 +166,33 @@ LOCK_EXTEND: Final = (
 -- KEYS: lock. ARGV: token, ttl in ms. Returns now in us, or false if the lease was lost.
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return now_us('')
+  return now_us()
 end
 return false
 """
 )
 
+# The record scripts read a record with one HMGET of every field, in the order of
+# RECORD_FIELDS (absent fields are false), and reply with as little as the caller needs: a
+# status line when Python already knows the whole record, else one JSON string (cjson, decoded
+# by json.loads in C) rather than a RESP array that redis-py would parse element by element.
 _RECORD_HELPERS: Final = (
     _NOW
-    + """
+    + f"""
+local FIELDS = {{{", ".join(f"'{name}'" for name in RECORD_FIELDS)}}}
+local MARGIN_MS = {PHYSICAL_MARGIN_MS}
+
+local function read(key)
+  return redis.call('HMGET', key, unpack(FIELDS))
+end
+
 local function owned(key, token, fence)
   local f = redis.call('HMGET', key, 'state', 'token', 'fence')
   return f[1] == 'in_progress' and f[2] == token and f[3] == fence
 end
 
-local function keep_until(key, expires, now, margin)
-  redis.call('PEXPIRE', key, math.ceil((expires - now) / 1000) + tonumber(margin))
+local function keep_until(key, expires, now)
+  redis.call('PEXPIRE', key, math.ceil((expires - now) / 1000) + MARGIN_MS)
 end
 """
 )
@@ -169,48 +200,56 @@ end
 RECORD_CLAIM: Final = (
     _RECORD_HELPERS
     + """
--- KEYS: record. ARGV: scope, key, fingerprint, token, lease_for us, retain_for us, now us or '',
--- margin ms. Returns {'claimed' | 'resumed' | 'existing', the record's fields}.
+-- KEYS: record. ARGV: fingerprint, token, lease_for us, retain_for us[, now us].
+-- Returns the status 'C<fence>:<now us>' for a new record (the caller knows the rest of it),
+-- else 'R' (taken over) or 'E' (existing) followed by the record as a JSON array of its fields.
 local key = KEYS[1]
-local now = now_us(ARGV[7])
-local lease_for = tonumber(ARGV[5])
-local f = redis.call('HMGET', key, 'fp', 'state', 'fence', 'expires', 'lease_exp')
-if not f[4] or tonumber(f[4]) <= now then
-  local fence = 1
-  if f[3] then
-    fence = tonumber(f[3]) + 1
+local now = now_us(ARGV[5])
+local lease_for = tonumber(ARGV[3])
+local r = read(key)
+local expires = tonumber(r[5])
+if not expires or expires <= now then
+  local fence = (tonumber(r[3]) or 0) + 1
+  expires = now + math.max(tonumber(ARGV[4]), lease_for)
+  -- An expired record is replaced whole (no recovery point or response may survive it).
+  for i = 1, #FIELDS do
+    if r[i] then
+      redis.call('DEL', key)
+      break
+    end
   end
-  local expires = now + math.max(tonumber(ARGV[6]), lease_for)
-  redis.call('DEL', key)
-  redis.call('HSET', key, 'scope', ARGV[1], 'key', ARGV[2], 'fp', ARGV[3],
-    'state', 'in_progress', 'fence', fence, 'created', now, 'expires', expires,
-    'token', ARGV[4], 'lease_exp', now + lease_for)
-  keep_until(key, expires, now, ARGV[8])
-  return {'claimed', redis.call('HGETALL', key)}
+  redis.call('HSET', key, 'fp', ARGV[1], 'state', 'in_progress', 'fence', fence,
+    'created', now, 'expires', expires, 'token', ARGV[2], 'lease_exp', now + lease_for)
+  keep_until(key, expires, now)
+  -- %d formats the whole 64-bit integer; tostring would round to 14 digits.
+  return redis.status_reply(string.format('C%d:%d', fence, now))
 end
-local stale = f[2] == 'unknown'
-  or (f[2] == 'in_progress' and (not f[5] or tonumber(f[5]) <= now))
-if f[1] == ARGV[3] and stale then
-  local expires = math.max(tonumber(f[4]), now + lease_for)
-  redis.call('HSET', key, 'state', 'in_progress', 'fence', tonumber(f[3]) + 1,
-    'token', ARGV[4], 'lease_exp', now + lease_for, 'expires', expires)
-  keep_until(key, expires, now, ARGV[8])
-  return {'resumed', redis.call('HGETALL', key)}
+local lease_exp = tonumber(r[7])
+local stale = r[2] == 'unknown'
+  or (r[2] == 'in_progress' and (not lease_exp or lease_exp <= now))
+if r[1] == ARGV[1] and stale then
+  expires = math.max(expires, now + lease_for)
+  redis.call('HSET', key, 'state', 'in_progress', 'fence', tonumber(r[3]) + 1,
+    'token', ARGV[2], 'lease_exp', now + lease_for, 'expires', expires)
+  keep_until(key, expires, now)
+  return 'R' .. cjson.encode(read(key))
 end
-return {'existing', redis.call('HGETALL', key)}
+return 'E' .. cjson.encode(r)
 """
 )
 
 RECORD_CHECKPOINT: Final = (
     _RECORD_HELPERS
     + """
--- KEYS: record. ARGV: token, fence, recovery point, '1' to set the resource id or '0', resource id.
+-- KEYS: record. ARGV: token, fence, recovery point[, resource id]. Returns 1, or 0 if the lease
+-- was lost.
 if not owned(KEYS[1], ARGV[1], ARGV[2]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'rp', ARGV[3])
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'rid', ARGV[5])
+if ARGV[4] then
+  redis.call('HSET', KEYS[1], 'rp', ARGV[3], 'rid', ARGV[4])
+else
+  redis.call('HSET', KEYS[1], 'rp', ARGV[3])
 end
 return 1
 """
@@ -219,17 +258,18 @@ return 1
 RECORD_EXTEND: Final = (
     _RECORD_HELPERS
     + """
--- KEYS: record. ARGV: token, fence, lease_for us, now us or '', margin ms.
+-- KEYS: record. ARGV: token, fence, lease_for us[, now us].
 -- Returns the new lease expiry in us, or false if the lease was lost.
 local key = KEYS[1]
-if not owned(key, ARGV[1], ARGV[2]) then
+local f = redis.call('HMGET', key, 'state', 'token', 'fence', 'expires')
+if f[1] ~= 'in_progress' or f[2] ~= ARGV[1] or f[3] ~= ARGV[2] then
   return false
 end
 local now = now_us(ARGV[4])
 local lease_exp = now + tonumber(ARGV[3])
-local expires = math.max(tonumber(redis.call('HGET', key, 'expires')), lease_exp)
+local expires = math.max(tonumber(f[4]), lease_exp)
 redis.call('HSET', key, 'lease_exp', lease_exp, 'expires', expires)
-keep_until(key, expires, now, ARGV[5])
+keep_until(key, expires, now)
 return lease_exp
 """
 )
@@ -238,16 +278,19 @@ RECORD_COMPLETE: Final = (
     _RECORD_HELPERS
     + """
 -- KEYS: record. ARGV: token, fence, state, status, content type, body (base64), headers (JSON).
--- Returns the record's fields, or false if the lease was lost. Valid past the lease's expiry as
--- long as nobody took over: the fence and token still match then.
+-- Returns what the caller does not know of the record, as the JSON array [fingerprint, created,
+-- expires, recovery point, resource id], or false if the lease was lost. Valid past the lease's
+-- expiry as long as nobody took over: the fence and token still match then.
 local key = KEYS[1]
-if not owned(key, ARGV[1], ARGV[2]) then
+local f = redis.call('HMGET', key, 'state', 'token', 'fence', 'fp', 'created', 'expires', 'rp',
+  'rid')
+if f[1] ~= 'in_progress' or f[2] ~= ARGV[1] or f[3] ~= ARGV[2] then
   return false
 end
+-- token and lease_exp stay: they only count while the state is in_progress (saves an HDEL).
 redis.call('HSET', key, 'state', ARGV[3], 'status', ARGV[4], 'ctype', ARGV[5], 'body', ARGV[6],
   'headers', ARGV[7])
-redis.call('HDEL', key, 'token', 'lease_exp')
-return redis.call('HGETALL', key)
+return cjson.encode({f[4], f[5], f[6], f[7], f[8]})
 """
 )
 
@@ -270,21 +313,23 @@ return 1
 )
 
 RECORD_GET: Final = (
-    _NOW
+    _RECORD_HELPERS
     + """
--- KEYS: record. ARGV: now us or ''. Returns the fields, or an empty list if absent or expired.
-local expires = redis.call('HGET', KEYS[1], 'expires')
-if not expires or tonumber(expires) <= now_us(ARGV[1]) then
-  return {}
+-- KEYS: record. ARGV: [now us]. Returns the record as a JSON array of its fields, or false if
+-- it is absent or expired.
+local r = read(KEYS[1])
+local expires = tonumber(r[5])
+if not expires or expires <= now_us(ARGV[1]) then
+  return false
 end
-return redis.call('HGETALL', KEYS[1])
+return cjson.encode(r)
 """
 )
 
 RECORD_PURGE: Final = (
     _NOW
     + """
--- KEYS: record. ARGV: now us or ''. Deletes the record if it has expired; returns 1 if it did.
+-- KEYS: record. ARGV: [now us]. Deletes the record if it has expired; returns 1 if it did.
 local expires = redis.call('HGET', KEYS[1], 'expires')
 if expires and tonumber(expires) <= now_us(ARGV[1]) then
   return redis.call('DEL', KEYS[1])
@@ -328,11 +373,17 @@ def record_key(prefix: str, scope: str, key: str) -> str:
 
     The fields are length-prefixed before hashing, so no two (scope, key) pairs share an input.
     """
-    material = hashlib.sha256(_RECORD_DIGEST_LABEL)
-    for part in (scope.encode(), key.encode()):
-        material.update(len(part).to_bytes(8, "big"))
-        material.update(part)
-    return f"{prefix}:idem:{{{material.hexdigest()}}}"
+    scope_bytes, key_bytes = scope.encode(), key.encode()
+    material = b"".join(
+        (
+            _RECORD_DIGEST_LABEL,
+            len(scope_bytes).to_bytes(8, "big"),
+            scope_bytes,
+            len(key_bytes).to_bytes(8, "big"),
+            key_bytes,
+        )
+    )
+    return f"{prefix}:idem:{{{hashlib.sha256(material).hexdigest()}}}"
 
 
 def record_pattern(prefix: str) -> str:
@@ -351,7 +402,7 @@ def new_token() -> str:
 
 def check_positive(value: timedelta, name: str) -> None:
     """Raise ConfigurationError unless ``value`` is a positive duration."""
-    if value <= timedelta(0):
+    if value <= _ZERO:
         raise ConfigurationError(f"{name} must be positive")
 
 
@@ -364,7 +415,7 @@ def to_micros(value: datetime | timedelta) -> int:
 
 def from_micros(value: int) -> datetime:
     """Return the UTC time ``value`` microseconds after the Unix epoch."""
-    return _EPOCH + timedelta(microseconds=value)
+    return _EPOCH + timedelta(0, 0, value)  # positional: measurably faster on the hot path
 
 
 def milliseconds(value: timedelta) -> int:
@@ -383,11 +434,15 @@ def response_args(response: StoredResponse) -> list[str]:
         str(response.status),
         response.content_type,
         base64.b64encode(response.body).decode("ascii"),
-        json.dumps([list(pair) for pair in response.headers], separators=(",", ":")),
+        json.dumps([list(pair) for pair in response.headers], separators=(",", ":"))
+        if response.headers
+        else "[]",
     ]
 
 
 def _headers(raw: str) -> tuple[tuple[str, str], ...]:
+    if raw == "[]":
+        return ()
     pairs: list[tuple[str, str]] = []
     for item in json.loads(raw):
         name, value = item
@@ -397,42 +452,168 @@ def _headers(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def decode_record(reply: Sequence[bytes | str]) -> IdempotencyRecord:
-    """Build a record from the flat field/value list a script returned.
+def _present(*values: object) -> None:
+    """Check fields every record (or response) has: the scripts send an absent one as false."""
+    if False in values:
+        raise TypeError("a required field of the record is missing")
+
+
+def _optional(value: object) -> str | None:
+    return None if value is False else str(value)
+
+
+# UnicodeDecodeError and binascii.Error are ValueErrors; OverflowError: a time out of range.
+_DECODE_ERRORS: Final = (KeyError, ValueError, TypeError, OverflowError)
+_MALFORMED: Final = "an idempotency record in Redis is malformed"
+
+
+def decode_record(reply: bytes | str, scope: str, key: str) -> IdempotencyRecord:
+    """Build the record of (scope, key) from the JSON array of its fields, in the order of
+    :data:`RECORD_FIELDS`.
+
+    Every element is the hash's text value, or false for an absent field (the script's cjson
+    only ever encodes HMGET's reply), so only presence needs checking.
 
     Raises:
         StoreError: the hash does not hold a well-formed record.
     """
     try:
-        it: Iterator[bytes | str] = iter(reply)
-        fields = {text(name): text(value) for name, value in zip(it, it, strict=True)}
-        fence = int(fields["fence"])
+        # Decoded here (in C): json.loads would detect the encoding of bytes in Python first.
+        values = json.loads(text(reply))
+        if not isinstance(values, list) or len(values) != len(RECORD_FIELDS):
+            raise TypeError("a record is not the list of its fields")
+        (
+            fingerprint,
+            state,
+            fence,
+            created,
+            expires,
+            token,
+            lease_exp,
+            recovery_point,
+            resource_id,
+            status,
+            content_type,
+            body,
+            headers,
+        ) = values
+        _present(fingerprint, state, fence, created, expires)
+        fence_number = int(fence)
         lease = None
-        if "token" in fields:
-            lease = Lease(fields["token"], fence, from_micros(int(fields["lease_exp"])))
+        if token is not False and state == "in_progress":
+            _present(lease_exp)
+            lease = Lease(token, fence_number, from_micros(int(lease_exp)))
         response = None
-        if "status" in fields:
+        if status is not False:
+            _present(content_type, body, headers)
             response = StoredResponse(
-                status=int(fields["status"]),
-                body=base64.b64decode(fields["body"], validate=True),
-                content_type=fields["ctype"],
-                headers=_headers(fields["headers"]),
+                status=int(status),
+                body=base64.b64decode(body, validate=True),
+                content_type=content_type,
+                headers=_headers(headers),
             )
         return IdempotencyRecord(
-            scope=fields["scope"],
-            key=fields["key"],
-            fingerprint=fields["fp"],
-            state=RecordState(fields["state"]),
-            fence=fence,
-            created_at=from_micros(int(fields["created"])),
-            expires_at=from_micros(int(fields["expires"])),
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            state=_STATES[state],
+            fence=fence_number,
+            created_at=from_micros(int(created)),
+            expires_at=from_micros(int(expires)),
             lease=lease,
-            recovery_point=fields.get("rp"),
-            resource_id=fields.get("rid"),
+            recovery_point=_optional(recovery_point),
+            resource_id=_optional(resource_id),
             response=response,
         )
-    except (KeyError, ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise StoreError("an idempotency record in Redis is malformed") from exc
+    except _DECODE_ERRORS as exc:
+        raise StoreError(_MALFORMED) from exc
+
+
+def decode_claim(
+    reply: bytes | str,
+    *,
+    scope: str,
+    key: str,
+    fingerprint: str,
+    token: str,
+    lease_for: timedelta,
+    retain_for: timedelta,
+) -> ClaimResult:
+    """Build the result of a claim from the script's reply and what the claim sent.
+
+    A new record is built here from the claim's own arguments and the fence and time the
+    script used, exactly what the script wrote; a takeover or an existing record comes whole.
+
+    Raises:
+        StoreError: the reply is not one the claim script gives.
+    """
+    # Bytes, or text if the client decodes responses.
+    tag, rest = reply[:1], reply[1:]
+    if tag in (b"C", "C"):
+        try:
+            fence_text, _, now_text = text(rest).partition(":")
+            fence = int(fence_text)
+            now = from_micros(int(now_text))
+        except _DECODE_ERRORS as exc:
+            raise StoreError("Redis answered a claim with an unexpected reply") from exc
+        lease = Lease(token, fence, now + lease_for)
+        record = IdempotencyRecord(
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            state=RecordState.IN_PROGRESS,
+            fence=fence,
+            created_at=now,
+            expires_at=now + max(retain_for, lease_for),
+            lease=lease,
+        )
+        return Claimed(record=record, lease=lease)
+    if tag in (b"E", "E"):
+        return Existing(record=decode_record(rest, scope, key))
+    if tag in (b"R", "R"):
+        record = decode_record(rest, scope, key)
+        if record.lease is None or record.lease.token != token:
+            raise StoreError("Redis answered a claim with a record this claim does not own")
+        return Claimed(record=record, lease=record.lease, resumed=True)
+    raise StoreError("Redis answered a claim with an unexpected reply")
+
+
+def decode_completed(
+    reply: bytes | str,
+    *,
+    scope: str,
+    key: str,
+    lease: Lease,
+    state: RecordState,
+    response: StoredResponse,
+) -> IdempotencyRecord:
+    """Build the record ``complete`` has just written from what it sent and the script's reply
+    (the fields it did not know: fingerprint, creation and expiry, recovery point, resource id).
+
+    Raises:
+        StoreError: the reply is not one the complete script gives.
+    """
+    try:
+        # Decoded here (in C): json.loads would detect the encoding of bytes in Python first.
+        values = json.loads(text(reply))
+        if not isinstance(values, list) or len(values) != 5:
+            raise TypeError("the reply is not the list of the record's other fields")
+        fingerprint, created, expires, recovery_point, resource_id = values
+        _present(fingerprint, created, expires)
+        return IdempotencyRecord(
+            scope=scope,
+            key=key,
+            fingerprint=fingerprint,
+            state=state,
+            fence=lease.fence,
+            created_at=from_micros(int(created)),
+            expires_at=from_micros(int(expires)),
+            recovery_point=_optional(recovery_point),
+            resource_id=_optional(resource_id),
+            response=response,
+        )
+    except _DECODE_ERRORS as exc:
+        raise StoreError(_MALFORMED) from exc
 
 
 @contextmanager
