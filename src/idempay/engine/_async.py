@@ -8,7 +8,6 @@ the lock provider, when there is one, only cuts contention.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,6 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
+from idempay._retry import RETRIABLE, retry_async  # unasync: remove
+
+# from idempay._retry import RETRIABLE, retry  # unasync: sync-only
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep
 from idempay.core.events import PaymentIntentSnapshot, StripeEvent, parse_event
@@ -65,7 +67,6 @@ from idempay.errors import (
     RequestError,
     RequestInFlightError,
     ServiceUnavailableError,
-    TransientStoreError,
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._async import AsyncStripeGateway
@@ -532,12 +533,13 @@ class AsyncGuard:
         tenant = self._tenant_of(event)
         lease = await self._lock(f"pi:{event.payment_intent_id or event.id}")
         try:
-            for _attempt in range(self.config.commit_attempts):
-                try:
-                    return await self._apply_once(event, inbox, tenant)
-                except (ConcurrentUpdateError, TransientStoreError):
-                    await self._pause(_attempt)
-            raise ServiceUnavailableError("the order is too busy; retry", retry_after=1)
+            # Lost races (another delivery committed first) are read again and decided again.
+            return await retry_async(
+                lambda: self._apply_once(event, inbox, tenant),
+                attempts=self.config.commit_attempts,
+            )
+        except RETRIABLE:
+            raise ServiceUnavailableError("the order is too busy; retry", retry_after=1) from None
         finally:
             await self._unlock(f"pi:{event.payment_intent_id or event.id}", lease)
 
@@ -732,10 +734,6 @@ class AsyncGuard:
             await self.locks.release(name, lease)
         except LockError:
             logger.warning("lock release failed; the lock expires by itself")
-
-    @staticmethod
-    async def _pause(attempt: int) -> None:
-        await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))  # noqa: S311
 
     # --- outbox ---------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ the lock provider, when there is one, only cuts contention.
 
 from __future__ import annotations
 
-import time
 import contextlib
 import json
 import logging
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
+
+from idempay._retry import RETRIABLE, retry
 from idempay.clock import Clock, SystemClock
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep
 from idempay.core.events import PaymentIntentSnapshot, StripeEvent, parse_event
@@ -66,7 +67,6 @@ from idempay.errors import (
     RequestError,
     RequestInFlightError,
     ServiceUnavailableError,
-    TransientStoreError,
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._sync import StripeGateway
@@ -530,12 +530,13 @@ class Guard:
         tenant = self._tenant_of(event)
         lease = self._lock(f"pi:{event.payment_intent_id or event.id}")
         try:
-            for _attempt in range(self.config.commit_attempts):
-                try:
-                    return self._apply_once(event, inbox, tenant)
-                except (ConcurrentUpdateError, TransientStoreError):
-                    self._pause(_attempt)
-            raise ServiceUnavailableError("the order is too busy; retry", retry_after=1)
+            # Lost races (another delivery committed first) are read again and decided again.
+            return retry(
+                lambda: self._apply_once(event, inbox, tenant),
+                attempts=self.config.commit_attempts,
+            )
+        except RETRIABLE:
+            raise ServiceUnavailableError("the order is too busy; retry", retry_after=1) from None
         finally:
             self._unlock(f"pi:{event.payment_intent_id or event.id}", lease)
 
@@ -730,10 +731,6 @@ class Guard:
             self.locks.release(name, lease)
         except LockError:
             logger.warning("lock release failed; the lock expires by itself")
-
-    @staticmethod
-    def _pause(attempt: int) -> None:
-        time.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))  # noqa: S311
 
     # --- outbox ---------------------------------------------------------------------------
 
