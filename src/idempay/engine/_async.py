@@ -390,6 +390,7 @@ class AsyncGuard:
                 )
                 await tx.append_audit(draft)
                 log_draft(draft)
+            self.faults.reach(FaultPoint.CHECKOUT_IN_ORDER_TRANSACTION)
             return record
 
         order = await self.payments.run_transaction(work, attempts=self.config.commit_attempts)

@@ -22,6 +22,8 @@ __all__ = ["FaultPoint", "FaultPoints", "kill_process"]
 class FaultPoint(StrEnum):
     """Where a flow can be interrupted."""
 
+    CHECKOUT_IN_ORDER_TRANSACTION = "checkout.inside_order_transaction"
+    """Inside the transaction that creates the order, after its writes, before its commit."""
     CHECKOUT_AFTER_ORDER = "checkout.after_order_created"
     CHECKOUT_AFTER_STRIPE = "checkout.after_stripe_call"
     CHECKOUT_BEFORE_COMPLETE = "checkout.before_complete"

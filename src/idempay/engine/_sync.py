@@ -387,6 +387,7 @@ class Guard:
                 )
                 tx.append_audit(draft)
                 log_draft(draft)
+            self.faults.reach(FaultPoint.CHECKOUT_IN_ORDER_TRANSACTION)
             return record
 
         order = self.payments.run_transaction(work, attempts=self.config.commit_attempts)
