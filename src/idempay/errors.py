@@ -16,6 +16,7 @@ The tree::
     │   │   └── MissingIdempotencyKeyError 400 missing_idempotency_key
     │   ├── RequestInFlightError           409 request_in_flight (+ Retry-After)
     │   ├── FingerprintMismatchError       422 idempotency_key_reused
+    │   ├── OrderNotFoundError             404 order_not_found
     │   ├── PayloadError                   400 invalid_payload
     │   │   ├── MalformedJSONError         400 malformed_json
     │   │   ├── PayloadTooLargeError       413 payload_too_large
@@ -54,6 +55,7 @@ __all__ = [
     "MethodNotAllowedError",
     "MissingDependencyError",
     "MissingIdempotencyKeyError",
+    "OrderNotFoundError",
     "PayloadError",
     "PayloadTooLargeError",
     "PaymentOutcomeUnknownError",
@@ -184,6 +186,14 @@ class FingerprintMismatchError(RequestError):
     status = 422
     code = "idempotency_key_reused"
     title = "Idempotency key reused with a different request"
+
+
+class OrderNotFoundError(RequestError):
+    """No order with this id exists for the tenant (orders are never deleted)."""
+
+    status = 404
+    code = "order_not_found"
+    title = "No such order"
 
 
 class PayloadError(RequestError):

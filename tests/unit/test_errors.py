@@ -20,6 +20,7 @@ from idempay.errors import (
     MethodNotAllowedError,
     MissingDependencyError,
     MissingIdempotencyKeyError,
+    OrderNotFoundError,
     PayloadTooLargeError,
     RequestError,
     RequestInFlightError,
@@ -66,6 +67,7 @@ def test_all_is_sorted_and_complete() -> None:
         (InvalidFieldError("/amount", "must be an integer"), 400, "invalid_field"),
         (SignatureVerificationError(reason="no_match"), 400, "invalid_signature"),
         (MethodNotAllowedError(), 405, "method_not_allowed"),
+        (OrderNotFoundError(), 404, "order_not_found"),
         (ServiceUnavailableError(retry_after=5), 503, "service_unavailable"),
     ],
 )

@@ -37,9 +37,14 @@ class GuardConfig:
         json_limits: size and depth limits of webhook and checkout bodies.
         lease: how long a worker owns an idempotency record or an outbox entry before another
             may take over.
+        in_flight_wait: how long a checkout that finds its key in flight waits for the first
+            request to finish, then replays its response; zero (the default) answers 409 with
+            ``Retry-After`` at once.
         retain: how long completed idempotency records are kept (Stripe keeps keys 24 h).
         commit_attempts: how often a webhook's decision is retried after losing a race.
         lock_ttl: lifetime of the contention locks (never needed for correctness).
+        lock_wait: how long a webhook waits for its PaymentIntent's contention lock before
+            going on without it (concurrent deliveries then only meet at the database).
         lock_failure: what a failing lock provider means (see :class:`LockFailurePolicy`).
         effect_max_attempts: attempts of an effect before it is dead-lettered.
         effect_backoff: the first retry delay of a failed effect; doubled at each attempt.
@@ -54,8 +59,10 @@ class GuardConfig:
     json_limits: JSONLimits = DEFAULT_LIMITS
     lease: timedelta = timedelta(seconds=30)
     retain: timedelta = timedelta(hours=24)
+    in_flight_wait: timedelta = timedelta(0)
     commit_attempts: int = 64
     lock_ttl: timedelta = timedelta(seconds=10)
+    lock_wait: timedelta = timedelta(seconds=2)
     lock_failure: LockFailurePolicy = LockFailurePolicy.CONTINUE
     effect_max_attempts: int = 8
     effect_backoff: timedelta = timedelta(seconds=5)
@@ -74,6 +81,8 @@ class GuardConfig:
         for name in ("lease", "retain", "lock_ttl", "effect_backoff", "effect_backoff_cap"):
             if getattr(self, name) <= timedelta(0):
                 raise ConfigurationError(f"{name} must be positive")
+        if self.lock_wait < timedelta(0) or self.in_flight_wait < timedelta(0):
+            raise ConfigurationError("lock_wait and in_flight_wait cannot be negative")
         if self.retain < self.lease:
             raise ConfigurationError("retain must be at least as long as lease")
         if self.commit_attempts < 1 or self.effect_max_attempts < 1:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,14 +36,25 @@ from idempay.core.models import (
 )
 from idempay.core.observe import observation_from_event, observation_from_intent
 from idempay.core.orders import (
+    CancelRequested,
     EffectTrigger,
+    Observation,
     OrderState,
     Outcome,
     Transition,
     apply,
     new_order,
 )
-from idempay.core.records import Execute, InFlight, Mismatch, Replay, decide
+from idempay.core.records import (
+    Decision,
+    Execute,
+    Existing,
+    InFlight,
+    Mismatch,
+    RecordState,
+    Replay,
+    decide,
+)
 from idempay.core.signature import verify_signature
 from idempay.core.strictjson import ObjectReader, loads_object
 from idempay.engine._auditlog import log_decision, log_draft
@@ -63,7 +75,9 @@ from idempay.errors import (
     LeaseLostError,
     LockError,
     MethodNotAllowedError,
+    OrderNotFoundError,
     PaymentOutcomeUnknownError,
+    PaymentProviderError,
     RequestError,
     RequestInFlightError,
     ServiceUnavailableError,
@@ -247,6 +261,8 @@ class Guard:
                 retain_for=self.config.retain,
             )
             decision = decide(claim, fingerprint, self.clock.now())
+            if isinstance(decision, InFlight) and self.config.in_flight_wait > timedelta(0):
+                decision = self._wait_in_flight(scope.encode(), key, fingerprint, decision)
             match decision:
                 case Execute():
                     context = CheckoutRequest(
@@ -275,6 +291,40 @@ class Guard:
                     )
         finally:
             self._unlock(f"idem:{digest}", lease)
+
+    def _wait_in_flight(
+        self, scope_text: str, key: str, fingerprint: str, decision: Decision
+    ) -> Decision:
+        """Poll the record while its first request runs, for up to ``in_flight_wait``.
+
+        Reads only, with growing pauses; once the record is finished (or its owner's lease
+        ran out) the key is claimed again and decided as usual: a replay, or a takeover.
+        """
+        records = cast("IdempotencyStore", self.records)
+        deadline = time.monotonic() + self.config.in_flight_wait.total_seconds()
+        pause = 0.01
+        while isinstance(decision, InFlight):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return decision
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.25)
+            record = records.get(scope_text, key)
+            now = self.clock.now()
+            if record is not None and (
+                record.state is RecordState.IN_PROGRESS and not record.lease_expired(now)
+            ):
+                decision = decide(Existing(record), fingerprint, now)
+                continue
+            claim = records.claim(
+                scope_text,
+                key,
+                fingerprint,
+                lease_for=self.config.lease,
+                retain_for=self.config.retain,
+            )
+            decision = decide(claim, fingerprint, self.clock.now())
+        return decision
 
     def _log_checkout(self, step: AuditStep, request: GuardRequest, digest: str) -> None:
         log_decision(step, source=AuditSource.CHECKOUT, tenant=request.tenant, key_digest=digest)
@@ -429,9 +479,21 @@ class Guard:
             capture_method=spec.capture_method,
         )
 
-    def _apply_intent(self, order: OrderRecord, intent: PaymentIntentSnapshot) -> OrderRecord:
+    def _apply_intent(
+        self,
+        order: OrderRecord,
+        intent: PaymentIntentSnapshot,
+        *,
+        source: AuditSource = AuditSource.CHECKOUT,
+    ) -> OrderRecord:
         """Apply what Stripe answered to the order, with its audit steps and effects."""
         observation = observation_from_intent(intent, observed_at=int(self.clock.now().timestamp()))
+        return self._observe(order, observation, source)
+
+    def _observe(
+        self, order: OrderRecord, observation: Observation, source: AuditSource
+    ) -> OrderRecord:
+        """Apply one observation to the order's current state in one transaction."""
 
         def work(tx: PaymentTransaction) -> OrderRecord:
             current = tx.get_order(order.tenant, order.order_id)
@@ -446,11 +508,11 @@ class Guard:
                     current.tenant,
                     current.order_id,
                     step,
-                    AuditSource.CHECKOUT,
+                    source,
                     tx.now(),
                     from_status=current.state.status.value,
                     to_status=transition.after.status.value,
-                    details={"reason": transition.reason},
+                    details={"reason": transition.reason, "outcome": transition.outcome.value},
                 )
                 tx.append_audit(draft)
                 log_draft(draft)
@@ -459,6 +521,43 @@ class Guard:
             return updated
 
         return self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+
+    # --- cancel ---------------------------------------------------------------------------
+
+    def cancel_order(
+        self, order_id: str, *, tenant: str = "", at_stripe: bool = True
+    ) -> OrderRecord:
+        """Cancel an order that has not been paid; return it as it now stands.
+
+        With ``at_stripe`` (and a gateway), the order's PaymentIntent is canceled at Stripe
+        first, so that it can no longer be paid, and what Stripe answers is applied. Stripe
+        refuses when the payment succeeded or a bank debit is processing: the order then
+        takes that state and the local cancel is refused (audited ``rejected``), never forced.
+        A local cancel only (``at_stripe=False``, or no PaymentIntent yet) leaves any later
+        success of the PaymentIntent to ``needs_review``: money is never silently kept.
+
+        Raises:
+            OrderNotFoundError: no such order.
+            PaymentOutcomeUnknownError: Stripe did not answer clearly; call again.
+        """
+        order = self._order(tenant, order_id)
+        intent_id = order.state.payment_intent_id
+        if at_stripe and self.gateway is not None and intent_id is not None:
+            key = stripe_idempotency_key(tenant, order_id, "cancel")
+            try:
+                intent = self.gateway.cancel_payment_intent(intent_id, idempotency_key=key)
+            except PaymentProviderError:
+                # Stripe's refusal means the intent moved on (paid, processing): learn where.
+                intent = self.gateway.retrieve_payment_intent(intent_id)
+            order = self._apply_intent(order, intent, source=AuditSource.OPERATOR)
+        return self._observe(order, CancelRequested(), AuditSource.OPERATOR)
+
+    def _order(self, tenant: str, order_id: str) -> OrderRecord:
+        with self.payments.transaction() as tx:
+            order = tx.get_order(tenant, order_id)
+        if order is None:
+            raise OrderNotFoundError("no order with this id")
+        return order
 
     def _audit_unknown(self, order_id: str, tenant: str, digest: str) -> None:
         def work(tx: PaymentTransaction) -> None:
@@ -529,17 +628,26 @@ class Guard:
             order_id=event.order_id,
         )
         tenant = self._tenant_of(event)
-        lease = self._lock(f"pi:{event.payment_intent_id or event.id}")
+        # A duplicate is answered from one read, before any lock: it costs nothing else.
+        first = self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
+        if self._already_done(first, event, tenant):
+            return WebhookOutcome.DUPLICATE
+        name = f"pi:{event.payment_intent_id or event.id}"
+        lease = self._lock(name, wait=self.config.lock_wait)
+        pending = [first]
+
+        def attempt() -> WebhookOutcome:
+            # The first attempt decides on the read above: should another delivery have
+            # committed meanwhile, the compare-and-set refuses and the next attempt reads again.
+            got = pending.pop() if pending else self._read(event, inbox, tenant)
+            return self._apply_once(event, inbox, tenant, got)
+
         try:
-            # Lost races (another delivery committed first) are read again and decided again.
-            return retry(
-                lambda: self._apply_once(event, inbox, tenant),
-                attempts=self.config.commit_attempts,
-            )
+            return retry(attempt, attempts=self.config.commit_attempts)
         except RETRIABLE:
             raise ServiceUnavailableError("the order is too busy; retry", retry_after=1) from None
         finally:
-            self._unlock(f"pi:{event.payment_intent_id or event.id}", lease)
+            self._unlock(name, lease)
 
     def _tenant_of(self, event: StripeEvent) -> str | None:
         obj = event.object
@@ -549,20 +657,30 @@ class Guard:
         tenant = metadata.get(self.config.tenant_metadata_key)
         return tenant if tenant is not None else ""
 
-    def _apply_once(
+    def _read(
         self, event: StripeEvent, inbox: InboxEvent, tenant: str | None
-    ) -> WebhookOutcome:
-        got = self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
+    ) -> EventReception:
+        return self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
+
+    @staticmethod
+    def _already_done(got: EventReception, event: StripeEvent, tenant: str | None) -> bool:
         stored = got.event
-        if stored is not None and stored.status in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
-            # A duplicate: one read, nothing written.
-            log_decision(
-                AuditStep.DUPLICATE,
-                source=AuditSource.WEBHOOK,
-                tenant=tenant or "",
-                order_id=stored.order_id,
-                event_id=event.id,
-            )
+        if stored is None or stored.status not in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
+            return False
+        log_decision(
+            AuditStep.DUPLICATE,
+            source=AuditSource.WEBHOOK,
+            tenant=tenant or "",
+            order_id=stored.order_id,
+            event_id=event.id,
+        )
+        return True
+
+    def _apply_once(
+        self, event: StripeEvent, inbox: InboxEvent, tenant: str | None, got: EventReception
+    ) -> WebhookOutcome:
+        if self._already_done(got, event, tenant):
+            # Another delivery of this event committed while this one was deciding.
             return WebhookOutcome.DUPLICATE
         if got.order is None:
             return self._orphan(event, inbox, got, tenant)
@@ -712,11 +830,12 @@ class Guard:
 
     # --- locks ----------------------------------------------------------------------------
 
-    def _lock(self, name: str) -> Any:
+    def _lock(self, name: str, *, wait: timedelta = timedelta(0)) -> Any:
         if self.locks is None:
             return None
         try:
-            return self.locks.acquire(name, ttl=self.config.lock_ttl)
+            # None when it stays busy for ``wait``: carry on, the database guards suffice.
+            return self.locks.acquire(name, ttl=self.config.lock_ttl, wait=wait)
         except LockError:
             if self.config.lock_failure is LockFailurePolicy.FAIL_CLOSED:
                 raise ServiceUnavailableError(
@@ -729,9 +848,14 @@ class Guard:
         if self.locks is None or lease is None:
             return
         try:
-            self.locks.release(name, lease)
+            released = self.locks.release(name, lease)
         except LockError:
             logger.warning("lock release failed; the lock expires by itself")
+            return
+        if not released:
+            # The lock ran out while the work went on. Harmless: the database carried the
+            # guarantees; a long handler only means more contention for its duplicates.
+            logger.info("lock expired before its release; lock_ttl may be too short")
 
     # --- outbox ---------------------------------------------------------------------------
 

@@ -158,6 +158,23 @@ class StripeGateway:
             raise _translate(error) from error
         return _snapshot(intent)
 
+    def cancel_payment_intent(
+        self, intent_id: str, *, idempotency_key: str
+    ) -> PaymentIntentSnapshot:
+        """Cancel a PaymentIntent that has not succeeded, so that it can no longer be paid.
+
+        Raises:
+            PaymentOutcomeUnknownError: timeout, reset, 5xx or 429: repeat with the same key.
+            PaymentProviderError: Stripe refused (it succeeded, or a bank debit is processing).
+        """
+        try:
+            intent = self.client.v1.payment_intents.cancel(
+                intent_id, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as error:
+            raise _translate(error) from error
+        return _snapshot(intent)
+
     def retrieve_payment_intent(self, intent_id: str) -> PaymentIntentSnapshot:
         """The PaymentIntent as Stripe has it now."""
         try:
