@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
-from tests.engine.test_webhook_flow import SECRET, Shop, event
+from tests.engine.test_webhook_flow import SECRET, TENANT, Shop, event
 
 from idempay.core.audit import AuditStep
 from idempay.core.orders import OrderStatus
 from idempay.core.signature import sign_payload
 from idempay.engine import Guard, GuardConfig, GuardRequest, WebhookOutcome
+from idempay.engine._checkout import stripe_idempotency_key
 from idempay.memory import MemoryPaymentStore
 
 
@@ -107,4 +108,31 @@ def test_every_refused_delivery_is_a_typed_4xx() -> None:
         response = shop.deliver(body, signature=sign_payload(body, SECRET, timestamp=now))
         assert 400 <= response.status < 500
         assert response.json()["code"] in ("malformed_json", "invalid_field")
+    assert shop.state().status is OrderStatus.AWAITING_PAYMENT
+
+
+def test_an_event_finds_its_order_by_the_stripe_idempotency_key_it_echoes() -> None:
+    # No metadata, and the PaymentIntent id not recorded yet (the checkout crashed right after
+    # Stripe answered): the key of the request that created the PaymentIntent names the order.
+    shop = Shop()
+    shop.order(intent=None)
+    body = json.loads(event("evt_1", "payment_intent.succeeded", intent="pi_9"))
+    del body["data"]["object"]["metadata"]
+    body["request"] = {
+        "id": "req_1",
+        "idempotency_key": stripe_idempotency_key(TENANT, "o1", "create"),
+    }
+    outcome = shop.deliver(json.dumps(body).encode()).json()["outcome"]
+    assert outcome == WebhookOutcome.APPLIED
+    state = shop.state()
+    assert (state.status, state.payment_intent_id) == (OrderStatus.PAID, "pi_9")
+
+
+def test_an_event_naming_no_order_is_kept_as_an_orphan() -> None:
+    shop = Shop()
+    shop.order(intent=None)
+    body = json.loads(event("evt_1", "payment_intent.succeeded", intent="pi_9"))
+    del body["data"]["object"]["metadata"]
+    body["request"] = {"id": "req_1", "idempotency_key": "a-key-made-elsewhere"}
+    assert shop.deliver(json.dumps(body).encode()).json()["outcome"] == WebhookOutcome.ORPHANED
     assert shop.state().status is OrderStatus.AWAITING_PAYMENT

@@ -63,6 +63,7 @@ from idempay.engine._checkout import (
     CheckoutRequest,
     OrderSpec,
     RecoveryPoint,
+    order_of_stripe_key,
     stripe_idempotency_key,
 )
 from idempay.engine._config import GuardConfig, LockFailurePolicy
@@ -620,6 +621,7 @@ class AsyncGuard:
     async def process_event(self, event: StripeEvent, raw: bytes) -> WebhookOutcome:
         """Record and apply an event whose signature was verified (or that came from Stripe's
         API, as the reconciler's do); safe to call any number of times for one event."""
+        tenant, order_id = self._correlate(event)
         inbox = InboxEvent(
             account=event.account or "",
             event_id=event.id,
@@ -629,11 +631,10 @@ class AsyncGuard:
             received_at=self.clock.now(),
             object_id=event.object_id,
             payment_intent_id=event.payment_intent_id,
-            order_id=event.order_id,
+            order_id=order_id,
         )
-        tenant = self._tenant_of(event)
         # A duplicate is answered from one read, before any lock: it costs nothing else.
-        first = await self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
+        first = await self._read(inbox, tenant)
         if self._already_done(first, event, tenant):
             return WebhookOutcome.DUPLICATE
         name = f"pi:{event.payment_intent_id or event.id}"
@@ -643,7 +644,7 @@ class AsyncGuard:
         async def attempt() -> WebhookOutcome:
             # The first attempt decides on the read above: should another delivery have
             # committed meanwhile, the compare-and-set refuses and the next attempt reads again.
-            got = pending.pop() if pending else await self._read(event, inbox, tenant)
+            got = pending.pop() if pending else await self._read(inbox, tenant)
             return await self._apply_once(event, inbox, tenant, got)
 
         try:
@@ -653,18 +654,24 @@ class AsyncGuard:
         finally:
             await self._unlock(name, lease)
 
-    def _tenant_of(self, event: StripeEvent) -> str | None:
-        obj = event.object
-        metadata = getattr(obj, "metadata", None)
+    def _correlate(self, event: StripeEvent) -> tuple[str | None, str | None]:
+        """The (tenant, order_id) an event names, for finding its order when the PaymentIntent
+        id is not recorded yet: the object's metadata, else the Stripe idempotency key of the
+        request that caused the event (when idempay derived it). None where nothing says."""
+        metadata = getattr(event.object, "metadata", None)
+        if metadata is not None and self.config.order_metadata_key in metadata:
+            tenant = metadata.get(self.config.tenant_metadata_key)
+            return (tenant if tenant is not None else ""), metadata[self.config.order_metadata_key]
+        named = order_of_stripe_key(event.request_idempotency_key)
+        if named is not None:
+            return named
         if metadata is None:
-            return None
+            return None, None
         tenant = metadata.get(self.config.tenant_metadata_key)
-        return tenant if tenant is not None else ""
+        return (tenant if tenant is not None else ""), None
 
-    async def _read(
-        self, event: StripeEvent, inbox: InboxEvent, tenant: str | None
-    ) -> EventReception:
-        return await self.payments.receive_event(inbox, tenant=tenant, order_id=event.order_id)
+    async def _read(self, inbox: InboxEvent, tenant: str | None) -> EventReception:
+        return await self.payments.receive_event(inbox, tenant=tenant, order_id=inbox.order_id)
 
     @staticmethod
     def _already_done(got: EventReception, event: StripeEvent, tenant: str | None) -> bool:
@@ -711,7 +718,7 @@ class AsyncGuard:
             step,
             source=AuditSource.WEBHOOK,
             tenant=tenant or "",
-            order_id=event.order_id,
+            order_id=inbox.order_id,
             event_id=event.id,
             reason="no order yet" if observation is not None else "not a payment event",
         )

@@ -87,3 +87,26 @@ def stripe_idempotency_key(tenant: str, order_id: str, phase: str) -> str:
         return readable
     digest = hashlib.sha256(f"{len(tenant)}:{tenant}:{order_id}".encode()).hexdigest()
     return f"idempay:h:{digest}:{phase}"
+
+
+def order_of_stripe_key(key: str | None) -> tuple[str, str] | None:
+    """The (tenant, order_id) a readable :func:`stripe_idempotency_key` names, else None.
+
+    Stripe echoes the idempotency key of the request that caused an event in the event's
+    ``request.idempotency_key``: this traces such an event back to its order when the
+    PaymentIntent id is not recorded yet and its metadata is missing. Hashed keys (very long
+    ids) and keys made by anything else give None.
+    """
+    if key is None or not key.startswith("idempay:"):
+        return None
+    length, sep, rest = key[len("idempay:") :].partition(":")
+    if not sep or not length.isdigit() or length != str(int(length)):
+        return None
+    size = int(length)
+    tenant, rest = rest[:size], rest[size:]
+    if len(tenant) != size or not rest.startswith(":"):
+        return None
+    order_id, sep, phase = rest[1:].rpartition(":")
+    if not sep or not order_id or not phase:
+        return None
+    return tenant, order_id
