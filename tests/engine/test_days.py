@@ -202,3 +202,16 @@ def test_canceling_an_unknown_order_is_404(shop: Shop) -> None:
     with pytest.raises(OrderNotFoundError) as caught:
         shop.guard.cancel_order("no-such-order", tenant=TENANT)
     assert caught.value.status == 404
+
+
+def test_inspect_order_shows_the_state_the_checked_trail_and_the_effects(shop: Shop) -> None:
+    shop.deliver("payment_intent.succeeded", "succeeded")
+    shop.guard.dispatch_effects()
+    view = shop.guard.inspect_order(shop.order_id, tenant=TENANT)
+    assert view.order.state.status is OrderStatus.PAID
+    assert [e.step for e in view.audit] == [AuditStep.SUCCEEDED]
+    assert view.trail_check.ok
+    assert view.trail_check.entries == 1
+    assert [(e.effect, e.status.value) for e in view.effects] == [("paid", "done")]
+    with pytest.raises(OrderNotFoundError):
+        shop.guard.inspect_order(shop.order_id, tenant="another-tenant")

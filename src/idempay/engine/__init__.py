@@ -12,7 +12,7 @@ from idempay.engine._checkout import CheckoutRequest, OrderSpec, stripe_idempote
 from idempay.engine._config import GuardConfig, LockFailurePolicy
 from idempay.engine._faults import FaultPoint, FaultPoints, kill_process
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
-from idempay.engine._results import DispatchReport, EffectContext, WebhookOutcome
+from idempay.engine._results import DispatchReport, EffectContext, OrderView, WebhookOutcome
 from idempay.engine._sync import Guard
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "GuardResponse",
     "LockFailurePolicy",
     "OrderSpec",
+    "OrderView",
     "WebhookOutcome",
     "json_response",
     "kill_process",

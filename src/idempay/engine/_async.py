@@ -23,7 +23,7 @@ from idempay._retry import RETRIABLE, retry_async  # unasync: remove
 
 # from idempay._retry import RETRIABLE, retry  # unasync: sync-only
 from idempay.clock import Clock, SystemClock
-from idempay.core.audit import AuditDraft, AuditSource, AuditStep
+from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
 from idempay.core.events import PaymentIntentSnapshot, StripeEvent, parse_event
 from idempay.core.keys import Scope, key_digest, parse_key_header, request_fingerprint
 from idempay.core.models import (
@@ -69,7 +69,7 @@ from idempay.engine._checkout import (
 from idempay.engine._config import GuardConfig, LockFailurePolicy
 from idempay.engine._faults import FaultPoint, FaultPoints
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
-from idempay.engine._results import DispatchReport, EffectContext, WebhookOutcome
+from idempay.engine._results import DispatchReport, EffectContext, OrderView, WebhookOutcome
 from idempay.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -556,6 +556,23 @@ class AsyncGuard:
                 intent = await self.gateway.retrieve_payment_intent(intent_id)
             order = await self._apply_intent(order, intent, source=AuditSource.OPERATOR)
         return await self._observe(order, CancelRequested(), AuditSource.OPERATOR)
+
+    # --- inspection -----------------------------------------------------------------------
+
+    async def inspect_order(self, order_id: str, *, tenant: str = "") -> OrderView:
+        """Return the order, its audit trail with its hash chain verified, and its effects.
+
+        Raises:
+            OrderNotFoundError: no such order.
+        """
+        async with self.payments.transaction() as tx:
+            order = await tx.get_order(tenant, order_id)
+            if order is None:
+                raise OrderNotFoundError("no order with this id")
+            trail = tuple(await tx.audit_trail(tenant, order_id))
+        outbox = cast("AsyncOutboxStore", self.payments)
+        effects = tuple(await outbox.effects_for(tenant, order_id))
+        return OrderView(order=order, audit=trail, trail_check=verify_trail(trail), effects=effects)
 
     async def _order(self, tenant: str, order_id: str) -> OrderRecord:
         async with self.payments.transaction() as tx:

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["DispatchReport", "EffectContext", "WebhookOutcome"]
+from idempay.core.audit import AuditEntry, TrailCheck
+from idempay.core.models import OrderRecord, OutboxEntry
+
+__all__ = ["DispatchReport", "EffectContext", "OrderView", "WebhookOutcome"]
 
 
 class WebhookOutcome(StrEnum):
@@ -53,3 +56,17 @@ class DispatchReport:
     dead: int = 0
     lost: int = 0
     """Entries another dispatcher took over after this one's lease ran out."""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderView:
+    """One order as it stands: its state, its audit trail (checked), and its effects.
+
+    ``trail_check`` says whether the trail's hash chain is intact; a broken chain means a row
+    was edited, removed or inserted outside idempay.
+    """
+
+    order: OrderRecord
+    audit: tuple[AuditEntry, ...]
+    trail_check: TrailCheck
+    effects: tuple[OutboxEntry, ...]

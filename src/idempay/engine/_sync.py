@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast
 
 from idempay._retry import RETRIABLE, retry
 from idempay.clock import Clock, SystemClock
-from idempay.core.audit import AuditDraft, AuditSource, AuditStep
+from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
 from idempay.core.events import PaymentIntentSnapshot, StripeEvent, parse_event
 from idempay.core.keys import Scope, key_digest, parse_key_header, request_fingerprint
 from idempay.core.models import (
@@ -68,7 +68,7 @@ from idempay.engine._checkout import (
 from idempay.engine._config import GuardConfig, LockFailurePolicy
 from idempay.engine._faults import FaultPoint, FaultPoints
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
-from idempay.engine._results import DispatchReport, EffectContext, WebhookOutcome
+from idempay.engine._results import DispatchReport, EffectContext, OrderView, WebhookOutcome
 from idempay.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -552,6 +552,23 @@ class Guard:
                 intent = self.gateway.retrieve_payment_intent(intent_id)
             order = self._apply_intent(order, intent, source=AuditSource.OPERATOR)
         return self._observe(order, CancelRequested(), AuditSource.OPERATOR)
+
+    # --- inspection -----------------------------------------------------------------------
+
+    def inspect_order(self, order_id: str, *, tenant: str = "") -> OrderView:
+        """Return the order, its audit trail with its hash chain verified, and its effects.
+
+        Raises:
+            OrderNotFoundError: no such order.
+        """
+        with self.payments.transaction() as tx:
+            order = tx.get_order(tenant, order_id)
+            if order is None:
+                raise OrderNotFoundError("no order with this id")
+            trail = tuple(tx.audit_trail(tenant, order_id))
+        outbox = cast("OutboxStore", self.payments)
+        effects = tuple(outbox.effects_for(tenant, order_id))
+        return OrderView(order=order, audit=trail, trail_check=verify_trail(trail), effects=effects)
 
     def _order(self, tenant: str, order_id: str) -> OrderRecord:
         with self.payments.transaction() as tx:
