@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from idempay.core.audit import AuditEntry, TrailCheck
-from idempay.core.models import OrderRecord, OutboxEntry
+from idempay.core.models import OrderRecord, OutboxEntry, OutboxStatus
 
 __all__ = ["DispatchReport", "EffectContext", "OrderView", "WebhookOutcome"]
 
@@ -70,3 +70,57 @@ class OrderView:
     audit: tuple[AuditEntry, ...]
     trail_check: TrailCheck
     effects: tuple[OutboxEntry, ...]
+
+    def to_document(self) -> dict[str, Any]:
+        """The order as a JSON-ready document (what ``GET /orders/{id}`` answers).
+
+        ``audit`` lists every durable step in order; ``effects`` lists the effects carried
+        out (``kind`` is the registered effect's name), and ``pending_effects`` those still to
+        run or dead-lettered. Nothing in it is secret: key digests, not keys; no payloads.
+        """
+        state = self.order.state
+        done = [e for e in self.effects if e.status is OutboxStatus.DONE]
+        return {
+            "order_id": self.order.order_id,
+            "status": state.status.value,
+            "payment_intent_id": state.payment_intent_id,
+            "amount": state.amount,
+            "currency": state.currency,
+            "amount_refunded": state.amount_refunded,
+            "audit": [_audit_document(entry) for entry in self.audit],
+            "audit_verified": self.trail_check.ok,
+            "effects": [_effect_document(entry) for entry in done],
+            "pending_effects": [
+                _effect_document(entry)
+                for entry in self.effects
+                if entry.status is not OutboxStatus.DONE
+            ],
+        }
+
+
+def _audit_document(entry: AuditEntry) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "seq": entry.seq,
+        "step": entry.step.value,
+        "at": entry.at.isoformat(),
+        "source": entry.source.value,
+    }
+    optional = {
+        "from_status": entry.from_status,
+        "to_status": entry.to_status,
+        "event_id": entry.event_id,
+    }
+    document.update({k: v for k, v in optional.items() if v is not None})
+    if entry.details:
+        document["details"] = dict(entry.details)
+    return document
+
+
+def _effect_document(entry: OutboxEntry) -> dict[str, Any]:
+    return {
+        "kind": entry.effect,
+        "at": entry.next_attempt_at.isoformat(),
+        "status": entry.status.value,
+        "attempts": entry.attempts,
+        "dedup_key": entry.dedup_key,
+    }
