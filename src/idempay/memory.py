@@ -29,6 +29,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -424,6 +425,14 @@ class _Tables:
         self.inbox: dict[tuple[str, str], InboxEvent] = {}
         self.audit: dict[tuple[str, str], tuple[AuditEntry, ...]] = {}
         self.outbox: dict[tuple[str, str, str, str], OutboxEntry] = {}
+        self.journal: dict[tuple[str, str | None], list[JournalEntry]] = {}
+
+    def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        for entry in entries:
+            self.journal.setdefault((entry.tenant, entry.order_id), []).append(entry)
+
+    def journal_for(self, tenant: str, order_id: str, limit: int) -> list[JournalEntry]:
+        return list(self.journal.get((tenant, order_id), [])[:limit])
 
 
 _MISSING: Final = object()
@@ -714,6 +723,16 @@ class MemoryPaymentStore:
         with self._lock:
             return self._outbox.effects_for(tenant, order_id)
 
+    def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        with self._lock:
+            self._tables.append_journal(entries)
+
+    def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        with self._lock:
+            return self._tables.journal_for(tenant, order_id, limit)
+
 
 class _AsyncMemoryTransaction:
     """Async face of a :class:`_MemoryTransaction` (its operations never await)."""
@@ -840,3 +859,13 @@ class AsyncMemoryPaymentStore:
     async def effects_for(self, tenant: str, order_id: str) -> Sequence[OutboxEntry]:
         async with self._lock.hold():
             return self._outbox.effects_for(tenant, order_id)
+
+    async def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        async with self._lock.hold():
+            self._tables.append_journal(entries)
+
+    async def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        async with self._lock.hold():
+            return self._tables.journal_for(tenant, order_id, limit)

@@ -25,6 +25,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -36,11 +37,13 @@ T = TypeVar("T")
 
 __all__ = [
     "AsyncIdempotencyStore",
+    "AsyncJournalStore",
     "AsyncLockProvider",
     "AsyncOutboxStore",
     "AsyncPaymentStore",
     "AsyncPaymentTransaction",
     "IdempotencyStore",
+    "JournalStore",
     "LockProvider",
     "OutboxStore",
     "PaymentStore",
@@ -453,6 +456,41 @@ class AsyncPaymentStore(Protocol):
         self, work: Callable[[AsyncPaymentTransaction], Awaitable[T]], *, attempts: int = 8
     ) -> T:
         """See :meth:`PaymentStore.run_transaction`."""
+        ...
+
+
+@runtime_checkable
+class JournalStore(Protocol):
+    """Keeps the journal of decisions that changed nothing (duplicates, replays, refusals).
+
+    Optional: a payment store that also implements this gets its guard's journal; without
+    it, those decisions go to the ``idempay.audit`` logger only.
+    """
+
+    def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        """Append ``entries`` in one step. Need not wait for durability: the journal is a
+        record of what happened, never what a guarantee rests on."""
+        ...
+
+    def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        """The first ``limit`` journal entries of one order, in the order they were appended."""
+        ...
+
+
+@runtime_checkable
+class AsyncJournalStore(Protocol):
+    """Async twin of :class:`JournalStore`."""
+
+    async def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        """See :meth:`JournalStore.append_journal`."""
+        ...
+
+    async def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        """See :meth:`JournalStore.journal_for`."""
         ...
 
 

@@ -275,10 +275,24 @@ def test_the_migrated_schema_is_exactly_the_declared_one(db_url: str) -> None:
             assert "idempay_alembic_version" in inspector.get_table_names()
             assert (
                 conn.exec_driver_sql("SELECT version_num FROM idempay_alembic_version").scalar_one()
-                == "0001"
+                == "0002"
             )
         # Upgrading again is a no-op.
         upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_database_at_the_first_revision_upgrades_to_the_journal(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, revision="0001")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert "idempay_journal" not in sa.inspect(conn).get_table_names()
+        upgrade(url)
+        with engine.connect() as conn:
+            assert "idempay_journal" in sa.inspect(conn).get_table_names()
     finally:
         engine.dispose()
 

@@ -10,3 +10,7 @@ limit enforced while reading, so an oversized body is refused with 413 without b
 renders every refusal as ``application/problem+json``; and passes ``Idempotent-Replayed`` and
 ``Retry-After`` through.
 """
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from idempay.core.audit import GENESIS_HASH, AuditDraft
+from idempay.core.audit import GENESIS_HASH, AuditDraft, AuditSource, AuditStep
 from idempay.core.orders import OrderState
 from idempay.core.records import Lease
 
@@ -21,6 +21,7 @@ __all__ = [
     "EventReception",
     "InboxEvent",
     "InboxStatus",
+    "JournalEntry",
     "NewEffect",
     "OrderRecord",
     "OutboxEntry",
@@ -196,3 +197,24 @@ class EventCommit:
     effects: tuple[NewEffect, ...] = ()
     error: str | None = None
     order_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """A decision of the guard that changed nothing: a duplicate delivery, a replayed checkout,
+    a request in flight, a reused key, a refused webhook.
+
+    Such decisions are not part of an order's hash-chained trail (they are not written in a
+    transaction of their own on the request path); the engine journals them in batches, so
+    that an order's history still shows every duplicate and replay. ``order_id`` is None for
+    a decision about no known order (a forged webhook).
+    """
+
+    tenant: str
+    order_id: str | None
+    step: AuditStep
+    source: AuditSource
+    at: datetime
+    event_id: str | None = None
+    key_digest: str | None = None
+    reason: str | None = None

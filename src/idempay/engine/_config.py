@@ -49,6 +49,12 @@ class GuardConfig:
         effect_max_attempts: attempts of an effect before it is dead-lettered.
         effect_backoff: the first retry delay of a failed effect; doubled at each attempt.
         effect_backoff_cap: the longest retry delay of a failed effect.
+        journal_batch: how many decisions that changed nothing (duplicates, replays,
+            refusals) are queued before they are written to the journal in one batch.
+        journal_interval: the longest a queued decision waits for its batch (checked when the
+            next decision comes, and by :meth:`~idempay.engine.Guard.dispatch_effects`).
+        journal_capacity: the most decisions queued; beyond it (the database is down during
+            a flood) they are logged only, and the loss is logged.
         tenant_metadata_key: the PaymentIntent metadata key carrying the tenant.
         order_metadata_key: the PaymentIntent metadata key carrying the order id.
     """
@@ -67,6 +73,9 @@ class GuardConfig:
     effect_max_attempts: int = 8
     effect_backoff: timedelta = timedelta(seconds=5)
     effect_backoff_cap: timedelta = timedelta(hours=1)
+    journal_batch: int = 100
+    journal_interval: timedelta = timedelta(seconds=1)
+    journal_capacity: int = 10_000
     tenant_metadata_key: str = "idempay_tenant"
     order_metadata_key: str = "order_id"
 
@@ -87,3 +96,7 @@ class GuardConfig:
             raise ConfigurationError("retain must be at least as long as lease")
         if self.commit_attempts < 1 or self.effect_max_attempts < 1:
             raise ConfigurationError("attempt counts must be at least 1")
+        if not 1 <= self.journal_batch <= self.journal_capacity:
+            raise ConfigurationError("journal_batch must be between 1 and journal_capacity")
+        if self.journal_interval < timedelta(0):
+            raise ConfigurationError("journal_interval cannot be negative")

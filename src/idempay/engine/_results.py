@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 from idempay.core.audit import AuditEntry, TrailCheck
-from idempay.core.models import OrderRecord, OutboxEntry, OutboxStatus
+from idempay.core.models import JournalEntry, OrderRecord, OutboxEntry, OutboxStatus
 
 __all__ = ["DispatchReport", "EffectContext", "OrderView", "WebhookOutcome"]
 
@@ -70,13 +70,16 @@ class OrderView:
     audit: tuple[AuditEntry, ...]
     trail_check: TrailCheck
     effects: tuple[OutboxEntry, ...]
+    decisions: tuple[JournalEntry, ...] = ()
 
     def to_document(self) -> dict[str, Any]:
         """The order as a JSON-ready document (what ``GET /orders/{id}`` answers).
 
-        ``audit`` lists every durable step in order; ``effects`` lists the effects carried
-        out (``kind`` is the registered effect's name), and ``pending_effects`` those still to
-        run or dead-lettered. Nothing in it is secret: key digests, not keys; no payloads.
+        ``audit`` lists every step in time order: the hash-chained trail (``"durable":
+        true``) merged with the journal of decisions that changed nothing (duplicates,
+        replays: ``"durable": false``). ``effects`` lists the effects carried out (``kind`` is
+        the registered effect's name), and ``pending_effects`` those still to run or
+        dead-lettered. Nothing in it is secret: key digests, not keys; no payloads.
         """
         state = self.order.state
         done = [e for e in self.effects if e.status is OutboxStatus.DONE]
@@ -87,7 +90,7 @@ class OrderView:
             "amount": state.amount,
             "currency": state.currency,
             "amount_refunded": state.amount_refunded,
-            "audit": [_audit_document(entry) for entry in self.audit],
+            "audit": _timeline(self.audit, self.decisions),
             "audit_verified": self.trail_check.ok,
             "effects": [_effect_document(entry) for entry in done],
             "pending_effects": [
@@ -98,12 +101,34 @@ class OrderView:
         }
 
 
+def _timeline(
+    trail: tuple[AuditEntry, ...], decisions: tuple[JournalEntry, ...]
+) -> list[dict[str, Any]]:
+    timed = [(entry.at, 0, _audit_document(entry)) for entry in trail]
+    timed += [(entry.at, 1, _journal_document(entry)) for entry in decisions]
+    # A stable sort: the trail keeps its own order, a decision follows what it saw at its time.
+    return [document for _, _, document in sorted(timed, key=lambda item: (item[0], item[1]))]
+
+
+def _journal_document(entry: JournalEntry) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "step": entry.step.value,
+        "at": entry.at.isoformat(),
+        "source": entry.source.value,
+        "durable": False,
+    }
+    optional = {"event_id": entry.event_id, "key_digest": entry.key_digest, "reason": entry.reason}
+    document.update({k: v for k, v in optional.items() if v is not None})
+    return document
+
+
 def _audit_document(entry: AuditEntry) -> dict[str, Any]:
     document: dict[str, Any] = {
         "seq": entry.seq,
         "step": entry.step.value,
         "at": entry.at.isoformat(),
         "source": entry.source.value,
+        "durable": True,
     }
     optional = {
         "from_status": entry.from_status,

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -73,6 +75,7 @@ from idempay.errors import (
     ConcurrentUpdateError,
     ConfigurationError,
     FingerprintMismatchError,
+    IdempayError,
     LeaseLostError,
     LockError,
     MethodNotAllowedError,
@@ -87,6 +90,7 @@ from idempay.errors import (
 from idempay.gateway._sync import StripeGateway
 from idempay.protocols import (
     IdempotencyStore,
+    JournalStore,
     LockProvider,
     OutboxStore,
     PaymentStore,
@@ -153,6 +157,10 @@ class Guard:
         self.clock = clock or SystemClock()
         self.faults = faults or FaultPoints()
         self._effects: dict[str, _Registered] = {}
+        self._journal_store = payments if isinstance(payments, JournalStore) else None
+        self._pending: list[JournalEntry] = []
+        self._pending_lock = threading.Lock()
+        self._journal_dropped = 0
 
     # --- effects --------------------------------------------------------------------------
 
@@ -262,8 +270,11 @@ class Guard:
                 retain_for=self.config.retain,
             )
             decision = decide(claim, fingerprint, self.clock.now())
+            order_id = claim.record.resource_id
             if isinstance(decision, InFlight) and self.config.in_flight_wait > timedelta(0):
-                decision = self._wait_in_flight(scope.encode(), key, fingerprint, decision)
+                decision, order_id = self._wait_in_flight(
+                    scope.encode(), key, fingerprint, decision, order_id
+                )
             match decision:
                 case Execute():
                     context = CheckoutRequest(
@@ -277,16 +288,16 @@ class Guard:
                         handler, context, scope=scope, key=key, digest=digest, decision=decision
                     )
                 case Replay(response=stored):
-                    self._log_checkout(AuditStep.REPLAYED, request, digest)
+                    self._note_checkout(AuditStep.REPLAYED, request, digest, order_id)
                     return GuardResponse.replay(stored)
                 case InFlight(retry_after=retry_after):
-                    self._log_checkout(AuditStep.CONFLICT, request, digest)
+                    self._note_checkout(AuditStep.CONFLICT, request, digest, order_id)
                     raise RequestInFlightError(
                         "a checkout with this idempotency key is in progress",
                         retry_after=retry_after,
                     )
                 case Mismatch():
-                    self._log_checkout(AuditStep.MISMATCH, request, digest)
+                    self._note_checkout(AuditStep.MISMATCH, request, digest, order_id)
                     raise FingerprintMismatchError(
                         "this idempotency key was used with a different checkout"
                     )
@@ -294,8 +305,8 @@ class Guard:
             self._unlock(f"idem:{digest}", lease)
 
     def _wait_in_flight(
-        self, scope_text: str, key: str, fingerprint: str, decision: Decision
-    ) -> Decision:
+        self, scope_text: str, key: str, fingerprint: str, decision: Decision, order_id: str | None
+    ) -> tuple[Decision, str | None]:
         """Poll the record while its first request runs, for up to ``in_flight_wait``.
 
         Reads only, with growing pauses; once the record is finished (or its owner's lease
@@ -307,11 +318,13 @@ class Guard:
         while isinstance(decision, InFlight):
             left = deadline - time.monotonic()
             if left <= 0:
-                return decision
+                return decision, order_id
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.25)
             record = records.get(scope_text, key)
             now = self.clock.now()
+            if record is not None:
+                order_id = record.resource_id or order_id
             if record is not None and (
                 record.state is RecordState.IN_PROGRESS and not record.lease_expired(now)
             ):
@@ -325,10 +338,19 @@ class Guard:
                 retain_for=self.config.retain,
             )
             decision = decide(claim, fingerprint, self.clock.now())
-        return decision
+            order_id = claim.record.resource_id or order_id
+        return decision, order_id
 
-    def _log_checkout(self, step: AuditStep, request: GuardRequest, digest: str) -> None:
-        log_decision(step, source=AuditSource.CHECKOUT, tenant=request.tenant, key_digest=digest)
+    def _note_checkout(
+        self, step: AuditStep, request: GuardRequest, digest: str, order_id: str | None
+    ) -> None:
+        self._note(
+            step,
+            AuditSource.CHECKOUT,
+            tenant=request.tenant,
+            order_id=order_id,
+            key_digest=digest,
+        )
 
     def _execute(
         self,
@@ -395,9 +417,9 @@ class Guard:
             records.release(scope_text, key, lease)
             raise
         except LeaseLostError:
-            log_decision(
+            self._note(
                 AuditStep.LEASE_LOST,
-                source=AuditSource.CHECKOUT,
+                AuditSource.CHECKOUT,
                 tenant=context.tenant,
                 order_id=order_id,
                 key_digest=digest,
@@ -556,11 +578,13 @@ class Guard:
     # --- inspection -----------------------------------------------------------------------
 
     def inspect_order(self, order_id: str, *, tenant: str = "") -> OrderView:
-        """Return the order, its audit trail with its hash chain verified, and its effects.
+        """Return the order, its audit trail with its hash chain verified, its effects and its
+        journal (decisions that changed nothing: duplicates, replays).
 
         Raises:
             OrderNotFoundError: no such order.
         """
+        self.flush_journal()
         with self.payments.transaction() as tx:
             order = tx.get_order(tenant, order_id)
             if order is None:
@@ -568,7 +592,16 @@ class Guard:
             trail = tuple(tx.audit_trail(tenant, order_id))
         outbox = cast("OutboxStore", self.payments)
         effects = tuple(outbox.effects_for(tenant, order_id))
-        return OrderView(order=order, audit=trail, trail_check=verify_trail(trail), effects=effects)
+        decisions: tuple[JournalEntry, ...] = ()
+        if self._journal_store is not None:
+            decisions = tuple(self._journal_store.journal_for(tenant, order_id))
+        return OrderView(
+            order=order,
+            audit=trail,
+            trail_check=verify_trail(trail),
+            effects=effects,
+            decisions=decisions,
+        )
 
     def _order(self, tenant: str, order_id: str) -> OrderRecord:
         with self.payments.transaction() as tx:
@@ -607,7 +640,7 @@ class Guard:
         try:
             outcome = self._receive(request)
         except RequestError as error:
-            log_decision(AuditStep.REJECTED, source=AuditSource.WEBHOOK, reason=error.code)
+            self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
             return problem_response(error, instance=request.route)
         return json_response(200, {"received": True, "outcome": outcome.value})
 
@@ -686,16 +719,18 @@ class Guard:
     def _read(self, inbox: InboxEvent, tenant: str | None) -> EventReception:
         return self.payments.receive_event(inbox, tenant=tenant, order_id=inbox.order_id)
 
-    @staticmethod
-    def _already_done(got: EventReception, event: StripeEvent, tenant: str | None) -> bool:
+    def _already_done(
+        self, got: EventReception, event: StripeEvent, tenant: str | None
+    ) -> bool:
         stored = got.event
         if stored is None or stored.status not in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
             return False
-        log_decision(
+        order = got.order
+        self._note(
             AuditStep.DUPLICATE,
-            source=AuditSource.WEBHOOK,
-            tenant=tenant or "",
-            order_id=stored.order_id,
+            AuditSource.WEBHOOK,
+            tenant=order.tenant if order is not None else tenant or "",
+            order_id=order.order_id if order is not None else stored.order_id,
             event_id=event.id,
         )
         return True
@@ -852,6 +887,75 @@ class Guard:
             self.process_event(event, orphan.payload)
         return len(orphans)
 
+    # --- journal --------------------------------------------------------------------------
+
+    def _note(
+        self,
+        step: AuditStep,
+        source: AuditSource,
+        *,
+        tenant: str = "",
+        order_id: str | None = None,
+        event_id: str | None = None,
+        key_digest: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Log a decision that changed nothing and queue it for the journal.
+
+        The journal is written in batches (``journal_batch`` entries, or ``journal_interval``
+        after the oldest): one request in a batch pays for one write, the others for none.
+        Never raises for the journal's sake.
+        """
+        log_decision(
+            step,
+            source=source,
+            tenant=tenant,
+            order_id=order_id,
+            event_id=event_id,
+            key_digest=key_digest,
+            reason=reason,
+        )
+        if self._journal_store is None:
+            return
+        now = self.clock.now()
+        entry = JournalEntry(tenant, order_id, step, source, now, event_id, key_digest, reason)
+        with self._pending_lock:
+            if len(self._pending) >= self.config.journal_capacity:
+                self._journal_dropped += 1
+                return
+            self._pending.append(entry)
+            due = (
+                len(self._pending) >= self.config.journal_batch
+                or now - self._pending[0].at >= self.config.journal_interval
+            )
+        if due:
+            self.flush_journal()
+
+    def flush_journal(self) -> int:
+        """Write the decisions queued by this guard to the journal now; return how many.
+
+        :meth:`dispatch_effects` and :meth:`inspect_order` call it; call it at shutdown too.
+        A failed write keeps the entries for the next flush (up to ``journal_capacity``).
+        """
+        if self._journal_store is None:
+            return 0
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+            dropped, self._journal_dropped = self._journal_dropped, 0
+        if dropped:
+            logger.warning("journal full: %d decisions were logged but not journaled", dropped)
+        if not batch:
+            return 0
+        try:
+            self._journal_store.append_journal(batch)
+        except IdempayError as error:
+            logger.warning("the journal could not be written (%s); kept for later", error)
+            with self._pending_lock:
+                room = max(0, self.config.journal_capacity - len(self._pending))
+                self._pending[:0] = batch[-room:] if room else []
+            return 0
+        return len(batch)
+
     # --- locks ----------------------------------------------------------------------------
 
     def _lock(self, name: str, *, wait: timedelta = timedelta(0)) -> Any:
@@ -889,7 +993,9 @@ class Guard:
         Each effect runs at least once; a failing one is retried with exponential backoff
         and dead-lettered after ``GuardConfig.effect_max_attempts`` attempts (kept, never
         dropped). An effect whose dispatcher died is handed to another once its lease ran out.
+        The decisions this guard queued for the journal are written first.
         """
+        self.flush_journal()
         outbox = cast("OutboxStore", self.payments)
         entries = outbox.claim_due_effects(limit=limit, lease_for=self.config.lease)
         report = DispatchReport()

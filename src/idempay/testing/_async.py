@@ -29,6 +29,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OutboxStatus,
 )
@@ -42,6 +43,7 @@ from idempay.errors import (
 )
 from idempay.protocols import (
     AsyncIdempotencyStore,
+    AsyncJournalStore,
     AsyncLockProvider,
     AsyncOutboxStore,
     AsyncPaymentStore,
@@ -1047,3 +1049,36 @@ class AsyncPaymentStoreContract(_AsyncFixtures):
         assert (final.state.failures, final.version) == (THREADS, THREADS + 1)
         assert [e.seq for e in trail] == list(range(1, THREADS + 1))
         assert verify_trail(trail).ok
+
+    async def test_the_journal_keeps_each_orders_decisions_in_order(
+        self, store: AsyncPaymentStore, clock: FrozenClock
+    ) -> None:
+        if not isinstance(store, AsyncJournalStore):
+            pytest.skip("this payment store keeps no journal (it is optional)")
+        tenant = _uid()
+
+        def entry(order_id: str | None, step: AuditStep, n: int) -> JournalEntry:
+            return JournalEntry(
+                tenant,
+                order_id,
+                step,
+                AuditSource.WEBHOOK,
+                clock.now(),
+                event_id=f"evt_{n}",
+                reason="café ☕" if n == 0 else None,
+            )
+
+        batch = [
+            entry("o1", AuditStep.DUPLICATE, 0),
+            entry("o2", AuditStep.DUPLICATE, 1),
+            entry(None, AuditStep.REJECTED, 2),
+            entry("o1", AuditStep.REPLAYED, 3),
+        ]
+        await store.append_journal(batch)
+        await store.append_journal([])
+        await store.append_journal([entry("o1", AuditStep.CONFLICT, 4)])
+        got = list(await store.journal_for(tenant, "o1"))
+        assert got == [batch[0], batch[3], entry("o1", AuditStep.CONFLICT, 4)]
+        assert list(await store.journal_for(tenant, "o2")) == [batch[1]]
+        assert list(await store.journal_for(tenant, "o1", limit=1)) == [batch[0]]
+        assert list(await store.journal_for(_uid(), "o1")) == []

@@ -45,6 +45,8 @@ from idempay.backends.sql._common import (
     wrap,
 )
 from idempay.backends.sql._statements import (
+    JOURNAL_INSERT,
+    JOURNAL_SELECT,
     audit_from_row,
     audit_values,
     blob_value,
@@ -53,6 +55,8 @@ from idempay.backends.sql._statements import (
     entry_from_row,
     event_from_row,
     event_values,
+    journal_from_row,
+    journal_values,
     order_from_row,
     outbox_statements,
     payment_statements,
@@ -80,6 +84,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -988,6 +993,39 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
             return [entry_from_row(row) for row in rows]
 
         return await self._run("effects_for", op, single=True)
+
+    async def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        """Append decisions that changed nothing, in one statement.
+
+        On PostgreSQL the transaction does not wait for its WAL to reach the disk
+        (``synchronous_commit`` off for it alone): a crash may lose the last moments of the
+        journal, never an order's state or its hash-chained trail.
+        """
+        if not entries:
+            return
+        rows = [journal_values(entry) for entry in entries]
+
+        async def op(conn: AsyncConnection) -> None:
+            if self._kind is Kind.POSTGRESQL:
+                await conn.execute(_NOT_DURABLE)
+            await conn.execute(JOURNAL_INSERT, rows)
+
+        await self._run("append_journal", op)
+
+    async def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        """The first ``limit`` journal entries of one order, oldest first."""
+        params = {"p_tenant": tenant, "p_order_id": order_id, "p_limit": limit}
+
+        async def op(conn: AsyncConnection) -> list[JournalEntry]:
+            rows = (await conn.execute(JOURNAL_SELECT, params)).mappings().all()
+            return [journal_from_row(row) for row in rows]
+
+        return await self._run("journal_for", op, single=True)
+
+
+_NOT_DURABLE: Final = sa.text("SET LOCAL synchronous_commit TO OFF")
 
 
 def _effect_key(entry: OutboxEntry) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The SQL schema: five tables prefixed ``idempay_``, in SQLAlchemy Core.
+"""The SQL schema: six tables prefixed ``idempay_``, in SQLAlchemy Core.
 
 Every time is a BIGINT of microseconds since the Unix epoch, UTC: one representation on every
 dialect, with no time-zone conversion anywhere between the database and the stores.
@@ -29,6 +29,7 @@ __all__ = [
     "audit",
     "create_all",
     "inbox",
+    "journal",
     "metadata",
     "orders",
     "outbox",
@@ -198,6 +199,30 @@ outbox: Final = sa.Table(
 )
 """Effects to run after commit, unique per (order, effect, discriminator); leased to one
 dispatcher at a time, ``lease_fence`` growing at every lease."""
+
+
+journal: Final = sa.Table(
+    "idempay_journal",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("tenant", _ascii(255), nullable=False),
+    sa.Column("order_id", _ascii(255)),
+    sa.Column("step", _ascii(32), nullable=False),
+    sa.Column("source", _ascii(16), nullable=False),
+    sa.Column("at", _TIME, nullable=False),
+    sa.Column("event_id", _ascii(255)),
+    sa.Column("key_digest", _ascii(64)),
+    sa.Column("reason", _text()),
+    sa.Index("ix_idempay_journal_tenant_order_id_id", "tenant", "order_id", "id"),
+    sa.Index("ix_idempay_journal_at", "at"),
+    mysql_engine="InnoDB",
+)
+"""Decisions that changed nothing (duplicates, replays, refusals), appended in batches."""
 
 
 def create_all(bind: sa.Engine | sa.Connection) -> None:

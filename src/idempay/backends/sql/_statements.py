@@ -22,11 +22,20 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from idempay.backends.sql._common import Kind, from_micros, micros
-from idempay.backends.sql._schema import DUE_EFFECTS_INDEX, audit, inbox, orders, outbox, records
+from idempay.backends.sql._schema import (
+    DUE_EFFECTS_INDEX,
+    audit,
+    inbox,
+    journal,
+    orders,
+    outbox,
+    records,
+)
 from idempay.core.audit import AuditEntry, AuditSource, AuditStep
 from idempay.core.models import (
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -37,6 +46,8 @@ from idempay.core.records import IdempotencyRecord, Lease, RecordState, StoredRe
 
 __all__ = [
     "DATABASE_NOW_SQL",
+    "JOURNAL_INSERT",
+    "JOURNAL_SELECT",
     "OutboxStatements",
     "PaymentStatements",
     "RecordStatements",
@@ -49,6 +60,8 @@ __all__ = [
     "entry_from_row",
     "event_from_row",
     "event_values",
+    "journal_from_row",
+    "journal_values",
     "order_from_row",
     "order_values",
     "outbox_statements",
@@ -815,4 +828,47 @@ def entry_from_row(row: Mapping[Any, Any]) -> OutboxEntry:
         next_attempt_at=from_micros(row["next_attempt_at"]),
         last_error=row["last_error"],
         lease=lease,
+    )
+
+
+JOURNAL_INSERT: Final = sa.insert(journal)
+"""Append journal rows (executed with a list of :func:`journal_values`)."""
+
+JOURNAL_SELECT: Final = (
+    sa.select(journal)
+    .where(
+        journal.c.tenant == sa.bindparam("p_tenant"),
+        journal.c.order_id == sa.bindparam("p_order_id"),
+    )
+    .order_by(journal.c.id)
+    .limit(sa.bindparam("p_limit"))
+)
+"""One order's journal, oldest first."""
+
+
+def journal_values(entry: JournalEntry) -> dict[str, Any]:
+    """The row of a journal entry."""
+    return {
+        "tenant": entry.tenant,
+        "order_id": entry.order_id,
+        "step": entry.step.value,
+        "source": entry.source.value,
+        "at": micros(entry.at),
+        "event_id": entry.event_id,
+        "key_digest": entry.key_digest,
+        "reason": entry.reason,
+    }
+
+
+def journal_from_row(row: Mapping[Any, Any]) -> JournalEntry:
+    """A journal entry from its row."""
+    return JournalEntry(
+        tenant=row["tenant"],
+        order_id=row["order_id"],
+        step=AuditStep(row["step"]),
+        source=AuditSource(row["source"]),
+        at=from_micros(row["at"]),
+        event_id=row["event_id"],
+        key_digest=row["key_digest"],
+        reason=row["reason"],
     )

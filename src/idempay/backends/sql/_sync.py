@@ -45,6 +45,8 @@ from idempay.backends.sql._common import (
     wrap,
 )
 from idempay.backends.sql._statements import (
+    JOURNAL_INSERT,
+    JOURNAL_SELECT,
     audit_from_row,
     audit_values,
     blob_value,
@@ -53,6 +55,8 @@ from idempay.backends.sql._statements import (
     entry_from_row,
     event_from_row,
     event_values,
+    journal_from_row,
+    journal_values,
     order_from_row,
     outbox_statements,
     payment_statements,
@@ -80,6 +84,7 @@ from idempay.core.models import (
     EventReception,
     InboxEvent,
     InboxStatus,
+    JournalEntry,
     NewEffect,
     OrderRecord,
     OutboxEntry,
@@ -984,6 +989,39 @@ class SQLPaymentStore(SQLStoreBase):
             return [entry_from_row(row) for row in rows]
 
         return self._run("effects_for", op, single=True)
+
+    def append_journal(self, entries: Sequence[JournalEntry]) -> None:
+        """Append decisions that changed nothing, in one statement.
+
+        On PostgreSQL the transaction does not wait for its WAL to reach the disk
+        (``synchronous_commit`` off for it alone): a crash may lose the last moments of the
+        journal, never an order's state or its hash-chained trail.
+        """
+        if not entries:
+            return
+        rows = [journal_values(entry) for entry in entries]
+
+        def op(conn: Connection) -> None:
+            if self._kind is Kind.POSTGRESQL:
+                conn.execute(_NOT_DURABLE)
+            conn.execute(JOURNAL_INSERT, rows)
+
+        self._run("append_journal", op)
+
+    def journal_for(
+        self, tenant: str, order_id: str, *, limit: int = 1000
+    ) -> Sequence[JournalEntry]:
+        """The first ``limit`` journal entries of one order, oldest first."""
+        params = {"p_tenant": tenant, "p_order_id": order_id, "p_limit": limit}
+
+        def op(conn: Connection) -> list[JournalEntry]:
+            rows = (conn.execute(JOURNAL_SELECT, params)).mappings().all()
+            return [journal_from_row(row) for row in rows]
+
+        return self._run("journal_for", op, single=True)
+
+
+_NOT_DURABLE: Final = sa.text("SET LOCAL synchronous_commit TO OFF")
 
 
 def _effect_key(entry: OutboxEntry) -> dict[str, Any]:
