@@ -252,3 +252,10 @@ def test_webhooks(client: TestClient) -> None:
         client.post("/stripe/webhook", content=b"x" * (LIMIT + 1), headers=signed).status_code
         == 413
     )
+
+
+def test_the_order_view_refuses_other_methods_with_a_problem(client: TestClient) -> None:
+    response = client.post("/orders/anything")
+    assert response.status_code == 405
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "GET" in response.headers["allow"]

@@ -38,7 +38,7 @@ from idempay.engine._async import AsyncGuard
 from idempay.engine._checkout import CheckoutRequest, OrderSpec
 from idempay.engine._http import GuardRequest, GuardResponse, json_response, problem_response
 from idempay.engine._sync import Guard
-from idempay.errors import RequestError
+from idempay.errors import MethodNotAllowedError, RequestError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -116,7 +116,8 @@ class StarletteIdempay:
     async def order(self, request: Request) -> Response:
         """``GET /orders/{order_id}``: the order, its audit trail and its effects; 404 if none."""
         if request.method not in ("GET", "HEAD"):
-            return _render(json_response(405, {"detail": "GET only"}))
+            refused = MethodNotAllowedError("orders are read with GET", allowed=("GET", "HEAD"))
+            return _render(problem_response(refused, instance=request.url.path))
         tenant, _ = self.scope(request)
         order_id = str(request.path_params.get("order_id", ""))
         try:
@@ -136,7 +137,7 @@ class StarletteIdempay:
         and, unless ``orders`` is None, the order view."""
         routes = [Route(webhook, self.webhook, methods=_EVERY_METHOD, name="idempay-webhook")]
         if orders is not None:
-            routes.append(Route(orders, self.order, methods=["GET"], name="idempay-order"))
+            routes.append(Route(orders, self.order, methods=_EVERY_METHOD, name="idempay-order"))
         return routes
 
     # --- plumbing ---------------------------------------------------------------------------
