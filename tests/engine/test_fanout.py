@@ -450,6 +450,14 @@ def fan_out(urls: dict[str, str], record: Callable[[str, object], None]) -> list
     assert {e.status for e in outbox} == {OutboxStatus.DONE}
     assert ran == {Ran(e.effect, e.dedup_key): 1 for e in outbox}
 
+    if urls["locks"].startswith("redis"):
+        # The lock serializes the deliveries of one PaymentIntent: a delivery that found it
+        # busy waited, then read again, so it decided on what its predecessor committed and
+        # (almost) never lost a commit. Without the lock, the same storm loses hundreds.
+        lost = sum(d.lost_commits for d in deliveries)
+        record("lost_commits_with_lock", lost)
+        assert lost < len(deliveries) // 4, lost
+        return deliveries
     # The races happened. In each round every delivery of a new event decided on a read taken
     # before any commit, so all of them but the first to commit lost their first commit; and
     # some lost it to another event of the order, not only to a copy of their own.

@@ -688,12 +688,18 @@ class AsyncGuard:
         if await self._already_done(first, event, tenant):
             return WebhookOutcome.DUPLICATE
         name = f"pi:{event.payment_intent_id or event.id}"
-        lease = await self._lock(name, wait=self.config.lock_wait)
+        lease, busy = await self._lock_once(name)
         pending = [first]
+        if busy and self.config.lock_wait > timedelta(0):
+            # Another delivery for this PaymentIntent holds the lock: wait for it, then read
+            # again, since the read above predates whatever it committed.
+            lease = await self._lock(name, wait=self.config.lock_wait)
+            pending.clear()
 
         async def attempt() -> WebhookOutcome:
-            # The first attempt decides on the read above: should another delivery have
-            # committed meanwhile, the compare-and-set refuses and the next attempt reads again.
+            # The first attempt decides on the read above when the lock was free at once:
+            # should another delivery have committed meanwhile, the compare-and-set refuses and
+            # the next attempt reads again.
             got = pending.pop() if pending else await self._read(inbox, tenant)
             return await self._apply_once(event, inbox, tenant, got)
 
@@ -962,19 +968,30 @@ class AsyncGuard:
 
     # --- locks ----------------------------------------------------------------------------
 
+    async def _lock_once(self, name: str) -> tuple[Any, bool]:
+        """Try the lock without waiting: ``(lease, False)``, or ``(None, True)`` when another
+        holds it; ``(None, False)`` without a lock provider, or when it failed."""
+        lease, failed = await self._acquire(name, timedelta(0))
+        return lease, lease is None and not failed and self.locks is not None
+
     async def _lock(self, name: str, *, wait: timedelta = timedelta(0)) -> Any:
+        lease, _ = await self._acquire(name, wait)
+        return lease
+
+    async def _acquire(self, name: str, wait: timedelta) -> tuple[Any, bool]:
+        """``(lease or None, whether the provider failed)``; None when it stays busy for
+        ``wait``: carry on, the database guards suffice."""
         if self.locks is None:
-            return None
+            return None, False
         try:
-            # None when it stays busy for ``wait``: carry on, the database guards suffice.
-            return await self.locks.acquire(name, ttl=self.config.lock_ttl, wait=wait)
+            return await self.locks.acquire(name, ttl=self.config.lock_ttl, wait=wait), False
         except LockError:
             if self.config.lock_failure is LockFailurePolicy.FAIL_CLOSED:
                 raise ServiceUnavailableError(
                     "the lock service is unavailable", retry_after=1
                 ) from None
             logger.warning("lock provider failed; continuing with the database guards alone")
-            return None
+            return None, True
 
     async def _unlock(self, name: str, lease: Any) -> None:
         if self.locks is None or lease is None:
