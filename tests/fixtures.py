@@ -229,7 +229,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """Under CI=true, a skipped service-backed test is a failure."""
     report = yield
-    if IN_CI and report.skipped and any(item.get_closest_marker(m) for m in SERVICE_MARKERS):
+    skipped = report.skipped and not hasattr(report, "wasxfail")  # an xfail is not a skip
+    if IN_CI and skipped and any(item.get_closest_marker(m) for m in SERVICE_MARKERS):
         report.outcome = "failed"
         report.longrepr = f"service-backed test skipped under CI=true: {report.longrepr}"
     return report

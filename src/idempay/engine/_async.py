@@ -53,6 +53,7 @@ from idempay.core.records import (
     Execute,
     Existing,
     InFlight,
+    Lease,
     Mismatch,
     RecordState,
     Replay,
@@ -389,13 +390,17 @@ class AsyncGuard:
                 resource_id=order_id,
             )
             self.faults.reach(FaultPoint.CHECKOUT_AFTER_ORDER)
+            # Fenced (and renewed) before every step with an outside effect: a worker that
+            # was paused past its lease, and taken over, stops here instead of calling Stripe.
+            lease = await records.extend(scope_text, key, lease, lease_for=self.config.lease)
             intent = await self._ensure_intent(order, spec, resumed=decision.resumed)
             self.faults.reach(FaultPoint.CHECKOUT_AFTER_STRIPE)
-            order = await self._apply_intent(order, intent)
             await records.checkpoint(
                 scope_text, key, lease, recovery_point=RecoveryPoint.INTENT_CREATED
             )
+            order = await self._apply_intent(order, intent)
             if spec.payment_method is not None and intent.status == "requires_confirmation":
+                lease = await records.extend(scope_text, key, lease, lease_for=self.config.lease)
                 gateway = cast("AsyncStripeGateway", self.gateway)
                 intent = await gateway.confirm_payment_intent(
                     intent.id,
@@ -432,15 +437,15 @@ class AsyncGuard:
                 "another worker took this checkout over; retry", retry_after=1
             ) from None
         except BaseException:
-            await self._release_quietly(scope_text, key, decision)
+            await self._release_quietly(scope_text, key, lease)
             raise
         return response
 
-    async def _release_quietly(self, scope_text: str, key: str, decision: Execute) -> None:
+    async def _release_quietly(self, scope_text: str, key: str, lease: Lease) -> None:
         records = cast("AsyncIdempotencyStore", self.records)
         # Another owner may have it already: then there is nothing of ours to give back.
         with contextlib.suppress(LeaseLostError):
-            await records.release(scope_text, key, decision.lease)
+            await records.release(scope_text, key, lease)
 
     async def _create_order(
         self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute

@@ -52,6 +52,7 @@ from idempay.core.records import (
     Execute,
     Existing,
     InFlight,
+    Lease,
     Mismatch,
     RecordState,
     Replay,
@@ -385,13 +386,17 @@ class Guard:
                 resource_id=order_id,
             )
             self.faults.reach(FaultPoint.CHECKOUT_AFTER_ORDER)
+            # Fenced (and renewed) before every step with an outside effect: a worker that
+            # was paused past its lease, and taken over, stops here instead of calling Stripe.
+            lease = records.extend(scope_text, key, lease, lease_for=self.config.lease)
             intent = self._ensure_intent(order, spec, resumed=decision.resumed)
             self.faults.reach(FaultPoint.CHECKOUT_AFTER_STRIPE)
-            order = self._apply_intent(order, intent)
             records.checkpoint(
                 scope_text, key, lease, recovery_point=RecoveryPoint.INTENT_CREATED
             )
+            order = self._apply_intent(order, intent)
             if spec.payment_method is not None and intent.status == "requires_confirmation":
+                lease = records.extend(scope_text, key, lease, lease_for=self.config.lease)
                 gateway = cast("StripeGateway", self.gateway)
                 intent = gateway.confirm_payment_intent(
                     intent.id,
@@ -428,15 +433,15 @@ class Guard:
                 "another worker took this checkout over; retry", retry_after=1
             ) from None
         except BaseException:
-            self._release_quietly(scope_text, key, decision)
+            self._release_quietly(scope_text, key, lease)
             raise
         return response
 
-    def _release_quietly(self, scope_text: str, key: str, decision: Execute) -> None:
+    def _release_quietly(self, scope_text: str, key: str, lease: Lease) -> None:
         records = cast("IdempotencyStore", self.records)
         # Another owner may have it already: then there is nothing of ours to give back.
         with contextlib.suppress(LeaseLostError):
-            records.release(scope_text, key, decision.lease)
+            records.release(scope_text, key, lease)
 
     def _create_order(
         self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute
