@@ -12,26 +12,30 @@ the shipped backends pass::
             return lambda clock: MyStore(dsn=..., clock=clock)
 
 See docs/backends.md for every fixture a suite uses. The suites need pytest (and anyio's pytest
-plugin for the async ones): ``pip install "idempay[testing]"``.
+plugin for the async ones): ``pip install "idempay[testing]"``. The Stripe simulator
+(:mod:`idempay.testing.simulator`) and the wire proxy (:mod:`idempay.testing.wire`) need
+nothing beyond the standard library.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from idempay._lazy import require
+from idempay.clock import FrozenClock
 
-require("pytest", extra="testing")
-
-from idempay.clock import FrozenClock  # noqa: E402 - after the check for pytest
-from idempay.testing._async import (  # noqa: E402
-    AsyncIdempotencyStoreContract,
-    AsyncLockProviderContract,
-    AsyncPaymentStoreContract,
-)
-from idempay.testing._sync import (  # noqa: E402
-    IdempotencyStoreContract,
-    LockProviderContract,
-    PaymentStoreContract,
-)
+if TYPE_CHECKING:
+    from idempay.testing._async import (
+        AsyncIdempotencyStoreContract,
+        AsyncLockProviderContract,
+        AsyncPaymentStoreContract,
+    )
+    from idempay.testing._sync import (
+        IdempotencyStoreContract,
+        LockProviderContract,
+        PaymentStoreContract,
+    )
 
 __all__ = [
     "AsyncIdempotencyStoreContract",
@@ -42,3 +46,22 @@ __all__ = [
     "LockProviderContract",
     "PaymentStoreContract",
 ]
+
+_SUITES = {
+    "AsyncIdempotencyStoreContract": "idempay.testing._async",
+    "AsyncLockProviderContract": "idempay.testing._async",
+    "AsyncPaymentStoreContract": "idempay.testing._async",
+    "IdempotencyStoreContract": "idempay.testing._sync",
+    "LockProviderContract": "idempay.testing._sync",
+    "PaymentStoreContract": "idempay.testing._sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The suites need pytest; the rest of the kit (the Stripe simulator, the wire proxy, the
+    # clock) does not, so pytest is required only when a suite is asked for.
+    module = _SUITES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    require("pytest", extra="testing")
+    return getattr(importlib.import_module(module), name)
