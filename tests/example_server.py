@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 
@@ -98,3 +98,15 @@ class ExampleServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def list_all(api: httpx.Client, path: str) -> list[dict[str, Any]]:
+    """Every object of a Stripe list endpoint (``/v1/payment_intents``...), page after page."""
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        page = api.get(path, params=params).json()
+        found.extend(page["data"])
+        if not page.get("has_more") or not page["data"]:
+            return found
+        params["starting_after"] = page["data"][-1]["id"]

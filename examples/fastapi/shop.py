@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -43,6 +44,7 @@ class Settings:
     stripe_api_key: str
     stripe_api_base: str | None
     webhook_secrets: tuple[str, ...]
+    lease_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -53,6 +55,7 @@ class Settings:
             stripe_api_key=os.environ.get("STRIPE_API_KEY", "sk_test_idempay_example"),
             stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
             webhook_secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
+            lease_seconds=float(os.environ.get("IDEMPAY_LEASE_SECONDS", "30")),
         )
 
 
@@ -73,7 +76,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gateway=AsyncStripeGateway.from_settings(
             settings.stripe_api_key, api_base=settings.stripe_api_base
         ),
-        config=GuardConfig(webhook_secrets=settings.webhook_secrets),
+        config=GuardConfig(
+            webhook_secrets=settings.webhook_secrets,
+            lease=timedelta(seconds=settings.lease_seconds),
+        ),
     )
     idem = StarletteIdempay(guard, scope=user_scope)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.example_server import ExampleServer
+from tests.example_server import ExampleServer, list_all
 from tests.fixtures import unavailable
 
 
@@ -69,14 +69,14 @@ def test_a_double_click_on_pay_is_one_charge(
     with httpx.Client(base_url=localstripe_url, auth=("sk_test_browser", ""), timeout=30) as api:
         intents = [
             pi
-            for pi in api.get("/v1/payment_intents", params={"limit": 100}).json()["data"]
+            for pi in list_all(api, "/v1/payment_intents")
             if pi.get("metadata", {}).get("order_id") == order_id
         ]
         assert len(intents) == 1
         assert intents[0]["status"] == "succeeded"
         charges = [
             ch
-            for ch in api.get("/v1/charges", params={"limit": 100}).json()["data"]
+            for ch in list_all(api, "/v1/charges")
             if ch.get("payment_intent") == intents[0]["id"] and ch.get("status") == "succeeded"
         ]
     assert len(charges) == 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.example_server import ExampleServer
+from tests.example_server import ExampleServer, list_all
 
 from idempay.core.signature import sign_payload
 
@@ -68,8 +68,8 @@ def _checkout(shop: ExampleServer, body: Any, key: str | None, **headers: str) -
 
 
 def _intents(stripe: httpx.Client, order_id: str) -> list[dict[str, Any]]:
-    found = stripe.get("/v1/payment_intents", params={"limit": 100}).json()["data"]
-    # localstripe lists newest first and has no search: page through what this run created.
+    # localstripe has no search: page through every PaymentIntent of the run.
+    found = list_all(stripe, "/v1/payment_intents")
     return [pi for pi in found if pi.get("metadata", {}).get("order_id") == order_id]
 
 
