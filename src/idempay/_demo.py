@@ -1,340 +1,496 @@
-"""``idempay demo``: a storm of double clicks and duplicated, reordered webhooks, in memory.
+"""``idempay demo``: the FastAPI example shop under a storm, measured from the running system.
 
-Checkouts are clicked one to three times at once; every Stripe event of every order is signed,
-delivered one to four times, shuffled across orders and handed to several worker threads; then
-the outbox is drained. At the end the invariants are measured from the stores: one order per
-checkout, each order in the state its history leads to whatever the delivery order, each effect
-once, every audit trail intact.
-
-It runs the pure core and the in-memory backends only (no network, no database); the full
-demo, over HTTP with the web adapters and the Stripe simulator, builds on it.
+It starts the Stripe simulator and the example shop (``examples/fastapi/serve.sh``, several
+uvicorn workers, SQLite and the in-process lock by default), then drives a storm through real
+HTTP: every order clicked one to three times at once, bank debits released later, every webhook
+duplicated, delayed and reordered by the simulator, and one worker killed and restarted midway.
+At the end it reads every order back from the shop and every PaymentIntent and charge from the
+simulator, and checks the invariants: one PaymentIntent and at most one charge per order, the
+order's state matching Stripe's, one receipt per paid order, intact audit trails, no 5xx.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TextIO
+from pathlib import Path
+from typing import IO, Any, Final
 
-from idempay.clock import FrozenClock
-from idempay.core.audit import AuditDraft, AuditSource, AuditStep, verify_trail
-from idempay.core.events import parse_event
-from idempay.core.keys import Scope, key_digest, request_fingerprint
-from idempay.core.models import InboxEvent, InboxStatus, NewEffect
-from idempay.core.observe import observation_from_event
-from idempay.core.orders import (
-    PAID_STATUSES,
-    OrderState,
-    Outcome,
-    PaymentObserved,
-    PaymentPhase,
-    apply,
-    new_order,
+from idempay.errors import ConfigurationError
+
+__all__ = ["DemoOptions", "DemoReport", "run_demo"]
+
+PAYMENT_METHODS: Final = (
+    ("pm_card_visa", 0.6),
+    ("pm_card_chargeDeclined", 0.15),
+    ("pm_sepa_debit", 0.25),
 )
-from idempay.core.records import Execute, Replay, StoredResponse, decide
-from idempay.core.signature import sign_payload, verify_signature
-from idempay.core.strictjson import JSONValue
-from idempay.memory import MemoryIdempotencyStore, MemoryPaymentStore
-from idempay.protocols import PaymentTransaction
+"""What the customers pay with: cards that succeed, cards that are declined, bank debits that
+stay processing until the bank answers (most succeed, some bounce)."""
 
-__all__ = ["DemoReport", "run_demo"]
+_HTTP_TIMEOUT: Final = 30.0
+_GIVE_UP_AFTER: Final = 90.0
 
-_SECRETS = ("whsec_demo_current", "whsec_demo_previous")
-_TENANT = "demo"
-_START = 1_767_225_600  # 2026-01-01T00:00:00Z, where FrozenClock starts
-_DAY = 86_400
-_LEASE = timedelta(seconds=30)
-_RETAIN = timedelta(hours=24)
 
-# Stripe histories the demo draws from: (event type, PaymentIntent status) in time order.
-_SUCCEEDED = ("payment_intent.succeeded", "succeeded")
-_FAILED = ("payment_intent.payment_failed", "requires_payment_method")
-_PROCESSING = ("payment_intent.processing", "processing")
-_HISTORIES: tuple[tuple[tuple[str, str], ...], ...] = (
-    (_SUCCEEDED,),  # a card
-    (("payment_intent.requires_action", "requires_action"), _SUCCEEDED),  # 3-D Secure
-    (_FAILED, _SUCCEEDED),  # declined, then paid with another card
-    (_PROCESSING, _SUCCEEDED),  # a bank debit that clears
-    (_PROCESSING, _FAILED),  # a bank debit that bounces
-    (_FAILED,),  # declined, abandoned
-    (_SUCCEEDED, ("charge.refunded", "partial"), ("charge.refunded", "full")),
-)
+@dataclass(frozen=True)
+class DemoOptions:
+    """What to run: how many orders, how many server workers, on which stores."""
+
+    orders: int = 300
+    workers: int = 3
+    clients: int = 24
+    database_url: str | None = None
+    lock_url: str = "memory://"
+    seed: int = 7
+    kill_worker: bool = True
 
 
 @dataclass
 class DemoReport:
-    """What the demo measured. ``violations`` lists every broken invariant."""
+    """What the demo measured; ``violations`` lists every broken invariant."""
 
     orders: int = 0
     clicks: int = 0
     clicks_absorbed: int = 0
+    payment_intents: int = 0
+    charges: int = 0
     deliveries: int = 0
     duplicates_absorbed: int = 0
     stale_ignored: int = 0
+    paid: int = 0
+    payment_failed: int = 0
     effects_sent: int = 0
     audit_steps: int = 0
-    paid: int = 0
+    workers_restarted: int = 0
+    seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
 
+    def rows(self) -> list[tuple[str, int]]:
+        """The table the command prints."""
+        return [
+            ("orders", self.orders),
+            ("checkout clicks", self.clicks),
+            ("duplicate clicks absorbed", self.clicks_absorbed),
+            ("PaymentIntents", self.payment_intents),
+            ("charges", self.charges),
+            ("orders paid", self.paid),
+            ("orders payment_failed", self.payment_failed),
+            ("webhook deliveries", self.deliveries),
+            ("duplicate deliveries absorbed", self.duplicates_absorbed),
+            ("stale events ignored", self.stale_ignored),
+            ("effects sent", self.effects_sent),
+            ("audit steps", self.audit_steps),
+            ("workers killed and restarted", self.workers_restarted),
+            ("invariant violations", len(self.violations)),
+        ]
+
     def summary(self) -> str:
-        """The last line of the demo, ``key=value`` pairs starting with ``violations=``."""
-        return (
-            f"violations={len(self.violations)} orders={self.orders} clicks={self.clicks} "
-            f"clicks_absorbed={self.clicks_absorbed} deliveries={self.deliveries} "
-            f"duplicates_absorbed={self.duplicates_absorbed} stale_ignored={self.stale_ignored} "
-            f"paid={self.paid} effects_sent={self.effects_sent} audit_steps={self.audit_steps}"
-        )
+        """One ``key=value`` line, ``violations=`` first, for scripts."""
+        pairs = {
+            "violations": len(self.violations),
+            "orders": self.orders,
+            "clicks": self.clicks,
+            "clicks_absorbed": self.clicks_absorbed,
+            "payment_intents": self.payment_intents,
+            "charges": self.charges,
+            "paid": self.paid,
+            "payment_failed": self.payment_failed,
+            "deliveries": self.deliveries,
+            "duplicates_absorbed": self.duplicates_absorbed,
+            "stale_ignored": self.stale_ignored,
+            "effects_sent": self.effects_sent,
+            "audit_steps": self.audit_steps,
+            "workers_restarted": self.workers_restarted,
+            "seconds": f"{self.seconds:.1f}",
+        }
+        return " ".join(f"{key}={value}" for key, value in pairs.items())
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Order:
     order_id: str
-    amount: int
-    intent_id: str
-    events: tuple[bytes, ...]
+    key: str
+    method: str
+    clicks: int
+    statuses: list[int] = field(default_factory=list)
+    intent: str | None = None
 
 
-def _event_body(order: _Order, seq: int, event_type: str, status: str, at: int) -> bytes:
-    if event_type == "charge.refunded":
-        refunded = order.amount if status == "full" else order.amount // 3
-        obj: dict[str, object] = {
-            "id": f"ch_{order.order_id}",
-            "object": "charge",
-            "payment_intent": order.intent_id,
-            "amount": order.amount,
-            "amount_refunded": refunded,
-            "currency": "eur",
-            "refunded": status == "full",
-            "status": "succeeded",
+def find_example() -> Path:
+    """``examples/fastapi/serve.sh`` of the source tree this package runs from, or of the
+    current directory."""
+    here = Path(__file__).resolve()
+    for root in (*here.parents, Path.cwd()):
+        script = root / "examples" / "fastapi" / "serve.sh"
+        if script.is_file():
+            return script
+    raise ConfigurationError(
+        "idempay demo runs the example shop of a source checkout (examples/fastapi): "
+        "run it from the repository, with `make demo`"
+    )
+
+
+def run_demo(options: DemoOptions, out: IO[str] | None = None) -> DemoReport:
+    """Run the storm and return what it measured (never raises for a violated invariant)."""
+    import httpx
+
+    from idempay.testing.simulator import DeliveryPolicy, StripeSimulator, WebhookEndpoint
+
+    out = out or sys.stdout
+    report = DemoReport(orders=options.orders)
+    rng = random.Random(options.seed)  # noqa: S311 - a reproducible storm, not a secret
+    run = secrets.token_hex(3)
+    started = time.monotonic()
+    port = _free_port()
+    secret = f"whsec_{secrets.token_hex(16)}"
+    policy = DeliveryPolicy(
+        duplicate_probability=1.0,
+        duplicate_copies=2,
+        max_delay_ms=250,
+        reorder_window=12,
+        reorder_linger_ms=150,
+        max_attempts=8,
+        retry_backoff_ms=200,
+        concurrency=8,
+    )
+    endpoint = WebhookEndpoint(f"http://127.0.0.1:{port}/stripe/webhook", secret)
+    with (
+        tempfile.TemporaryDirectory(prefix="idempay-demo-") as tmp,
+        StripeSimulator(webhook_endpoints=[endpoint], delivery=policy, seed=options.seed) as sim,
+    ):
+        env = {
+            "IDEMPAY_DATABASE_URL": options.database_url or f"sqlite:///{tmp}/shop.db",
+            "IDEMPAY_LOCK_URL": options.lock_url,
+            "STRIPE_API_KEY": sim.api_key,
+            "STRIPE_API_BASE": sim.url,
+            "STRIPE_WEBHOOK_SECRET": secret,
+            # A checkout whose worker dies is taken over after its lease: 5 s, not 30, here.
+            "IDEMPAY_LEASE_SECONDS": "5",
         }
-    else:
-        obj = {
-            "id": order.intent_id,
-            "object": "payment_intent",
-            "status": status,
-            "amount": order.amount,
-            "amount_received": order.amount if status == "succeeded" else 0,
-            "currency": "eur",
-            "livemode": False,
-            "metadata": {"order_id": order.order_id},
-        }
-    body = {
-        "id": f"evt_{order.order_id}_{seq}",
-        "object": "event",
-        "type": event_type,
-        "created": at,
-        "livemode": False,
-        "data": {"object": obj},
-    }
-    return json.dumps(body).encode()
-
-
-def _make_orders(count: int, rng: random.Random) -> list[_Order]:
-    orders = []
-    for i in range(count):
-        order_id = f"ord_{i:05d}"
-        amount = rng.randrange(500, 50_000)
-        history = rng.choice(_HISTORIES)
-        draft = _Order(order_id, amount, f"pi_{order_id}", ())
-        at = _START + i
-        bodies = []
-        for seq, (event_type, status) in enumerate(history):
-            # Bank debits take days; cards take seconds.
-            at += rng.choice((1, 30, 3 * _DAY))
-            bodies.append(_event_body(draft, seq, event_type, status, at))
-        orders.append(_Order(order_id, amount, draft.intent_id, tuple(bodies)))
-    return orders
-
-
-class _Shop:
-    """A minimal checkout and webhook path over the core and the memory stores."""
-
-    def __init__(self, clock: FrozenClock) -> None:
-        self.clock = clock
-        self.records = MemoryIdempotencyStore(clock=clock)
-        self.store = MemoryPaymentStore(clock=clock)
-        self.counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.counts[name] += 1
-
-    @staticmethod
-    def _audit(
-        tx: PaymentTransaction,
-        order_id: str,
-        step: AuditStep,
-        *,
-        source: AuditSource = AuditSource.WEBHOOK,
-        event_id: str | None = None,
-        digest: str | None = None,
-    ) -> None:
-        draft = AuditDraft(
-            _TENANT, order_id, step, source, at=tx.now(), event_id=event_id, key_digest=digest
-        )
-        tx.append_audit(draft)
-
-    def checkout(self, order: _Order) -> None:
-        scope = Scope(operation="checkout", tenant=_TENANT)
-        key = f"key-{order.order_id}"
-        body: JSONValue = {"order_id": order.order_id, "amount": order.amount, "currency": "eur"}
-        fingerprint = request_fingerprint("POST", "/checkout", body)
-        claim = self.records.claim(
-            scope.encode(), key, fingerprint, lease_for=_LEASE, retain_for=_RETAIN
-        )
-        decision = decide(claim, fingerprint, self.clock.now())
-        if not isinstance(decision, Execute):
-            self._count("replayed" if isinstance(decision, Replay) else "in_flight")
-            return
-        with self.store.transaction() as tx:
-            created = new_order(amount=order.amount, currency="eur")
-            record, inserted = tx.insert_order(_TENANT, order.order_id, created.after)
-            if inserted:
-                digest = key_digest(scope, key)
-                self._audit(
-                    tx,
-                    order.order_id,
-                    AuditStep.STARTED,
-                    source=AuditSource.CHECKOUT,
-                    digest=digest,
-                )
-                pending = apply(
-                    record.state,
-                    PaymentObserved(PaymentPhase.AWAITING_PAYMENT, _START, order.intent_id),
-                )
-                tx.update_order(record, pending.after)
-                for step in pending.steps:
-                    self._audit(tx, order.order_id, step, source=AuditSource.CHECKOUT)
-        response = StoredResponse(201, json.dumps({"order_id": order.order_id}).encode())
-        self.records.complete(scope.encode(), key, decision.lease, response)
-
-    def deliver(self, raw: bytes, header: str) -> None:
-        verify_signature(raw, header, _SECRETS, now=self.clock.now().timestamp(), tolerance=300)
-        event = parse_event(raw, livemode=False)
-        with self.store.transaction() as tx:
-            received = InboxEvent(
-                "",
-                event.id,
-                event.type,
-                event.created,
-                raw,
-                tx.now(),
-                payment_intent_id=event.payment_intent_id,
-                order_id=event.order_id,
+        orders = _plan(options.orders, run, rng)
+        report.clicks = sum(o.clicks for o in orders)
+        with (
+            _server(find_example(), port, options.workers, env, Path(tmp)) as server,
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=_HTTP_TIMEOUT) as http,
+        ):
+            out.write(
+                f"idempay demo: {options.orders} orders, {report.clicks} clicks, "
+                f"{options.workers} workers, every webhook delivered 3 times, delayed and "
+                "reordered\n"
             )
-            _, inserted = tx.insert_event(received)
-            if not inserted:
-                self._count("duplicate")
-                return
-            order = tx.find_order_by_payment_intent(event.payment_intent_id or "")
-            observation = observation_from_event(event)
-            if order is None or observation is None:
-                tx.set_event_status("", event.id, InboxStatus.IGNORED)
-                return
-            transition = apply(order.state, observation)
-            if transition.changed:
-                tx.update_order(order, transition.after)
-            for step in transition.steps:
-                self._audit(tx, order.order_id, step, event_id=event.id)
-            if transition.outcome is Outcome.STALE:
-                self._count("stale")
-                self._audit(tx, order.order_id, AuditStep.IGNORED_STALE, event_id=event.id)
-            for effect in transition.effects:
-                tx.enqueue_effect(
-                    NewEffect(_TENANT, order.order_id, effect.trigger.value, effect.discriminator)
-                )
-            tx.set_event_status("", event.id, InboxStatus.PROCESSED, order_id=order.order_id)
-
-    def dispatch(self) -> Counter[str]:
-        sent: Counter[str] = Counter()
-        while batch := self.store.claim_due_effects(limit=100, lease_for=_LEASE):
-            for entry in batch:
-                sent[entry.dedup_key] += 1
-                self.store.finish_effect(entry)
-        return sent
-
-
-def _expected_final(order: _Order) -> OrderState:
-    state = new_order(amount=order.amount, currency="eur").after
-    created = PaymentObserved(PaymentPhase.AWAITING_PAYMENT, _START, order.intent_id)
-    state = apply(state, created).after
-    for raw in order.events:
-        observation = observation_from_event(parse_event(raw))
-        assert observation is not None  # every demo event is one idempay acts on
-        state = apply(state, observation).after
-    return state
-
-
-def run_demo(
-    *, orders: int = 200, workers: int = 4, seed: int = 7, out: TextIO | None = None
-) -> DemoReport:
-    """Run the storm and return what was measured; print progress to ``out`` if given."""
-    rng = random.Random(seed)  # noqa: S311 - a reproducible simulation, not cryptography
-    clock = FrozenClock()
-    shop = _Shop(clock)
-    plan = _make_orders(orders, rng)
-    report = DemoReport(orders=orders)
-
-    clicks = [o for o in plan for _ in range(rng.randint(1, 3))]
-    rng.shuffle(clicks)
-    report.clicks = len(clicks)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(shop.checkout, clicks))
-    _progress(out, "checkout", len(clicks))
-
-    deliveries = [raw for o in plan for raw in o.events for _ in range(rng.randint(1, 4))]
-    rng.shuffle(deliveries)
-    # Each delivery is signed when it is sent, as Stripe signs every retry afresh.
-    now = int(clock.now().timestamp())
-    signed = [(raw, sign_payload(raw, _SECRETS, timestamp=now)) for raw in deliveries]
-    report.deliveries = len(signed)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda d: shop.deliver(*d), signed))
-    _progress(out, "webhooks", len(signed))
-
-    sent = shop.dispatch()
-    report.effects_sent = sum(sent.values())
-    report.clicks_absorbed = shop.counts["replayed"] + shop.counts["in_flight"]
-    report.duplicates_absorbed = shop.counts["duplicate"]
-    report.stale_ignored = shop.counts["stale"]
-    _check(shop, plan, sent, report)
+            kill_at = report.clicks // 2 if options.kill_worker else -1
+            _storm(
+                http,
+                orders,
+                options.clients,
+                _Progress(out, report.clicks, "checkouts"),
+                on_click=lambda n: _kill_worker(server, report) if n == kill_at else None,
+            )
+            # The bank answers the debits: most clear, some bounce.
+            for order in orders:
+                if order.method == "pm_sepa_debit" and order.intent is not None:
+                    sim.release_debit(order.intent, succeed=rng.random() < 0.8)
+            out.write("waiting for the last webhook deliveries...\n")
+            stats = sim.flush_webhooks(timeout=180)
+            views = _settle(http, orders, _Progress(out, len(orders), "orders settled"))
+            _measure(report, orders, views, sim, stats)
+    report.seconds = time.monotonic() - started
     return report
 
 
-def _check(shop: _Shop, plan: Sequence[_Order], sent: Counter[str], report: DemoReport) -> None:
-    with shop.store.transaction() as tx:
-        for order in plan:
-            record = tx.get_order(_TENANT, order.order_id)
-            if record is None:
-                report.violations.append(f"{order.order_id}: order lost")
-                continue
-            expected = _expected_final(order)
-            if (record.state.status, record.state.amount_refunded) != (
-                expected.status,
-                expected.amount_refunded,
-            ):
-                report.violations.append(f"{order.order_id}: ended {record.state.status}")
-            if record.state.status in PAID_STATUSES:
-                report.paid += 1
-            trail = tx.audit_trail(_TENANT, order.order_id)
-            report.audit_steps += len(trail)
-            if not verify_trail(trail).ok:
-                report.violations.append(f"{order.order_id}: audit trail broken")
-            if sum(1 for e in trail if e.step is AuditStep.STARTED) != 1:
-                report.violations.append(f"{order.order_id}: not exactly one checkout")
-    for key, times in sent.items():
-        if times != 1:
-            report.violations.append(f"effect {key} sent {times} times")
+def _plan(count: int, run: str, rng: random.Random) -> list[_Order]:
+    methods = [m for m, _ in PAYMENT_METHODS]
+    weights = [w for _, w in PAYMENT_METHODS]
+    return [
+        _Order(
+            order_id=f"demo-{run}-{n:05d}",
+            key=f"key-{run}-{n:05d}-{secrets.token_hex(4)}",
+            method=rng.choices(methods, weights)[0],
+            clicks=rng.choice((1, 2, 2, 3)),
+        )
+        for n in range(count)
+    ]
 
 
-def _progress(out: TextIO | None, stage: str, n: int) -> None:
-    if out is not None:
-        out.write(f"  {stage:<10} {n:>6} done\n")
-        out.flush()
+def _storm(
+    http: Any,
+    orders: list[_Order],
+    clients: int,
+    progress: _Progress,
+    *,
+    on_click: Callable[[int], None],
+) -> None:
+    # An order's clicks sit next to each other in the queue, so that they run at once.
+    clicks = [order for order in orders for _ in range(order.clicks)]
+    done = 0
+    lock = threading.Lock()
+
+    def click(order: _Order) -> None:
+        nonlocal done
+        status, body = _checkout(http, order)
+        with lock:
+            order.statuses.append(status)
+            if status == 201 and order.intent is None:
+                order.intent = body.get("payment_intent_id")
+            done += 1
+            count = done
+        progress.update(count)
+        on_click(count)
+
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in pool.map(click, clicks):
+            pass
+    progress.finish()
+
+
+def _checkout(http: Any, order: _Order) -> tuple[int, dict[str, Any]]:
+    """One click, retried like a careful client: the same key after a dropped connection (a
+    killed worker), and after a 409 or 503 once ``Retry-After`` has passed."""
+    import httpx
+
+    body = {"order_id": order.order_id, "amount": 2500, "currency": "eur"}
+    body["payment_method"] = order.method
+    deadline = time.monotonic() + _GIVE_UP_AFTER
+    status = 0
+    while time.monotonic() < deadline:
+        try:
+            response = http.post(
+                "/checkout",
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Idempotency-Key": order.key},
+            )
+        except httpx.TransportError:
+            status = 0
+            time.sleep(0.2)  # the worker died under this request; the next one answers
+            continue
+        status = response.status_code
+        if status in (409, 503):
+            time.sleep(min(float(response.headers.get("retry-after", "1")), 5.0))
+            continue
+        payload: dict[str, Any] = response.json() if status == 201 else {}
+        return status, payload
+    return status, {}
+
+
+def _settle(http: Any, orders: list[_Order], progress: _Progress) -> dict[str, dict[str, Any]]:
+    """Every order's view, once its effects and every worker's journal are written."""
+    views: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 60
+    for n, order in enumerate(orders, 1):
+        while True:
+            response = http.get(f"/orders/{order.order_id}")
+            view: dict[str, Any] = response.json() if response.status_code == 200 else {}
+            settled = bool(view) and (view["status"] != "paid" or bool(view["effects"]))
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # the dispatchers run in the workers: wait for their next round
+        views[order.order_id] = view
+        progress.update(n)
+    progress.finish()
+    time.sleep(1.5)  # one more dispatcher round in every worker: their journals are flushed
+    for order in orders:
+        response = http.get(f"/orders/{order.order_id}")
+        if response.status_code == 200:
+            views[order.order_id] = response.json()
+    return views
+
+
+def _measure(
+    report: DemoReport,
+    orders: list[_Order],
+    views: dict[str, dict[str, Any]],
+    sim: Any,
+    stats: Any,
+) -> None:
+    ours = {o.order_id: o for o in orders}
+    intents: dict[str, list[dict[str, Any]]] = {o: [] for o in ours}
+    for pi in sim.payment_intents():
+        order_id = pi.get("metadata", {}).get("order_id")
+        if order_id in intents:
+            intents[order_id].append(pi)
+    charges: Counter[str] = Counter(
+        ch["payment_intent"] for ch in sim.charges() if ch.get("status") == "succeeded"
+    )
+    steps: Counter[str] = Counter()
+    for order_id, order in ours.items():
+        view = views.get(order_id) or {}
+        report.payment_intents += len(intents[order_id])
+        report.violations.extend(_check_order(order, view, intents[order_id], charges))
+        if not view:
+            continue
+        report.charges += sum(charges[pi["id"]] for pi in intents[order_id])
+        report.paid += view["status"] == "paid"
+        report.payment_failed += view["status"] == "payment_failed"
+        report.effects_sent += len(view["effects"])
+        report.audit_steps += len(view["audit"])
+        steps.update(entry["step"] for entry in view["audit"])
+    v = report.violations
+    # Every click but the one that started its order was absorbed (replayed, or told to wait).
+    report.clicks_absorbed = report.clicks - steps["started"]
+    report.duplicates_absorbed = steps["duplicate"]
+    report.stale_ignored = steps["ignored_stale"]
+    report.deliveries = stats.attempted
+    server_errors = {code: n for code, n in stats.status_codes.items() if code.startswith("5")}
+    if server_errors:
+        v.append(f"webhooks answered 5xx: {server_errors}")
+    if stats.failed:
+        v.append(f"{stats.failed} webhook deliveries never got a 2xx")
+
+
+def _check_order(
+    order: _Order, view: dict[str, Any], found: list[dict[str, Any]], charges: Counter[str]
+) -> list[str]:
+    """The invariants of one order, checked against Stripe's side of the story."""
+    order_id = order.order_id
+    problems = []
+    if any(s >= 500 for s in order.statuses):
+        problems.append(f"{order_id}: a checkout answered 5xx ({order.statuses})")
+    if not view:
+        return [*problems, f"{order_id}: the order is missing"]
+    if len(found) != 1:
+        return [*problems, f"{order_id}: {len(found)} PaymentIntents"]
+    intent = found[0]
+    if charges[intent["id"]] > 1:
+        problems.append(f"{order_id}: {charges[intent['id']]} charges")
+    expected = {
+        "succeeded": "paid",
+        "requires_payment_method": "payment_failed",
+        "processing": "processing",
+    }.get(intent["status"])
+    if view["status"] != expected:
+        problems.append(f"{order_id}: order {view['status']}, Stripe says {intent['status']}")
+    if view.get("payment_intent_id") != intent["id"]:
+        problems.append(f"{order_id}: the order names another PaymentIntent")
+    receipts = [e for e in view["effects"] if e["kind"] == "receipt_email"]
+    if len(receipts) != (1 if view["status"] == "paid" else 0):
+        problems.append(f"{order_id}: {len(receipts)} receipts for a {view['status']} order")
+    if not view.get("audit_verified", False):
+        problems.append(f"{order_id}: its audit trail does not verify")
+    return problems
+
+
+def _kill_worker(server: _Server, report: DemoReport) -> None:
+    """SIGKILL one uvicorn worker in the middle of the storm; uvicorn starts another."""
+    workers = server.workers()
+    if not workers:
+        return
+    victim = workers[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alive = server.workers()
+        if victim not in alive and len(alive) == len(workers):
+            report.workers_restarted += 1
+            return
+        time.sleep(0.05)  # waiting for uvicorn to notice and replace the worker
+
+
+@dataclass
+class _Server:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def workers(self) -> list[int]:
+        """The PIDs of uvicorn's worker processes (children of the supervisor)."""
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text(encoding="ascii")
+        except OSError:
+            return []
+        return [int(p) for p in children.split() if _is_worker(int(p))]
+
+
+@contextmanager
+def _server(
+    script: Path, port: int, workers: int, env: dict[str, str], tmp: Path
+) -> Iterator[_Server]:
+    import httpx
+
+    log = tmp / "shop.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(  # noqa: S603 - our own example's script
+            [str(script), "127.0.0.1", str(port), str(workers)],
+            env={**os.environ, "PYTHON": sys.executable, **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = _Server(process, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise ConfigurationError(
+                    f"the example shop did not start:\n{log.read_text(errors='replace')}"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigurationError("the example shop did not answer within 60 s")
+            time.sleep(0.1)  # waiting for the server to bind
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+class _Progress:
+    """A progress bar on a terminal; a few plain lines elsewhere (logs, CI)."""
+
+    def __init__(self, out: IO[str], total: int, label: str) -> None:
+        self.out, self.total, self.label = out, max(total, 1), label
+        self.tty = out.isatty()
+        self._shown = -1
+        self._lock = threading.Lock()
+
+    def update(self, done: int) -> None:
+        with self._lock:
+            if self.tty:
+                filled = 30 * done // self.total
+                self.out.write(
+                    f"\r  [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {self.label}"
+                )
+                self.out.flush()
+            elif (tenth := 10 * done // self.total) > self._shown:
+                self._shown = tenth
+                self.out.write(f"  {done}/{self.total} {self.label}\n")
+
+    def finish(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+def _is_worker(pid: int) -> bool:
+    # uvicorn's workers are multiprocessing children; its resource tracker is one too.
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -13,30 +13,24 @@ __all__ = ["main"]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from idempay._demo import run_demo
+    from idempay._demo import DemoOptions, run_demo
 
     out = sys.stdout
-    out.write(
-        f"idempay demo: {args.orders} orders, 1-3 clicks each, every webhook delivered 1-4 times,"
-        f" shuffled, {args.workers} workers\n"
+    options = DemoOptions(
+        orders=args.orders,
+        workers=args.workers,
+        database_url=args.database_url,
+        lock_url=args.lock_url,
+        seed=args.seed,
+        kill_worker=not args.no_kill,
     )
-    report = run_demo(orders=args.orders, workers=args.workers, seed=args.seed, out=out)
-    rows = [
-        ("orders", report.orders),
-        ("checkout clicks", report.clicks),
-        ("duplicate clicks absorbed", report.clicks_absorbed),
-        ("webhook deliveries", report.deliveries),
-        ("duplicate deliveries absorbed", report.duplicates_absorbed),
-        ("stale events ignored", report.stale_ignored),
-        ("orders paid", report.paid),
-        ("effects sent", report.effects_sent),
-        ("audit steps", report.audit_steps),
-        ("invariant violations", len(report.violations)),
-    ]
+    report = run_demo(options, out=out)
+    rows = report.rows()
     width = max(len(name) for name, _ in rows)
+    out.write("\n")
     for name, value in rows:
         out.write(f"  {name:<{width}}  {value:>8}\n")
-    for violation in report.violations:
+    for violation in report.violations[:50]:
         out.write(f"  VIOLATION: {violation}\n")
     out.write(report.summary() + "\n")
     return 1 if report.violations else 0
@@ -63,13 +57,30 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="run a storm of double clicks and duplicated, reordered webhooks, in memory",
-        description="Run a storm of double clicks and duplicated, reordered webhooks against "
-        "the in-memory backends and check every invariant. Exits 1 if one is violated.",
+        help="run the example shop under a storm of clicks and webhooks, and check it",
+        description="Start the Stripe simulator and the FastAPI example shop (several workers, "
+        "SQLite and the in-process lock unless told otherwise), drive a storm through HTTP "
+        "(double and triple clicks, every webhook duplicated, delayed and reordered, a worker "
+        "killed midway), then check every invariant against the running system. Exits 1 if "
+        "one is violated; the last line is a key=value summary starting with violations=.",
     )
-    demo.add_argument("--orders", type=_positive, default=200, help="orders (default 200)")
-    demo.add_argument("--workers", type=_positive, default=4, help="threads (default 4)")
+    demo.add_argument("--orders", type=_positive, default=300, help="orders (default 300)")
+    demo.add_argument(
+        "--workers", type=_positive, default=3, help="server worker processes (default 3)"
+    )
+    demo.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL of the shop's database (default: a new SQLite file)",
+    )
+    demo.add_argument(
+        "--lock-url",
+        default="memory://",
+        help="lock provider: memory:// (default), redis://HOST:PORT/DB, or a PostgreSQL URL",
+    )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument(
+        "--no-kill", action="store_true", help="do not kill a worker in the middle of the storm"
+    )
     demo.set_defaults(run=_demo)
 
     db = commands.add_parser("db", help="manage idempay's tables in your database")
