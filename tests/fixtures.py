@@ -186,6 +186,26 @@ def mysql_url(mysql_server_url: str) -> Iterator[str]:
     )
 
 
+@pytest.fixture
+def own_postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A PostgreSQL database for one test alone (a storm that drains every outbox row)."""
+    yield from _scratch_database(
+        postgres_server_url,
+        create=lambda name: f'CREATE DATABASE "{name}"',
+        drop=lambda name: f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+    )
+
+
+@pytest.fixture
+def own_mysql_url(mysql_server_url: str) -> Iterator[str]:
+    """A MySQL/MariaDB database for one test alone."""
+    yield from _scratch_database(
+        mysql_server_url,
+        create=lambda name: f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        drop=lambda name: f"DROP DATABASE IF EXISTS `{name}`",
+    )
+
+
 @pytest.fixture(scope="session")
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix owned by this test run; every key under it is deleted at the end."""
@@ -211,6 +231,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark tests by the services their fixtures need, so ``-m postgres`` and the like work."""
     needs = {
         "postgres_url": "postgres",
+        "own_postgres_url": "postgres",
+        "own_mysql_url": "mysql",
         "postgres_server_url": "postgres",
         "mysql_url": "mysql",
         "mysql_server_url": "mysql",

@@ -256,7 +256,7 @@ def storm(urls: dict[str, str], tmp_path: Path, *, orders_count: int = ORDERS) -
 @pytest.mark.parametrize("locks", ["on", "off"])
 def test_storm_on_postgres_and_redis(
     locks: str,
-    postgres_url: str,
+    own_postgres_url: str,
     redis_url: str,
     redis_prefix: str,
     localstripe_url: str,
@@ -264,10 +264,10 @@ def test_storm_on_postgres_and_redis(
 ) -> None:
     from idempay.backends.sql import upgrade
 
-    upgrade(postgres_url)
+    upgrade(own_postgres_url)
     urls = {
-        "db": postgres_url,
-        "records": postgres_url,
+        "db": own_postgres_url,
+        "records": own_postgres_url,
         "locks": redis_url if locks == "on" else "none://",
         "stripe": localstripe_url,
         "prefix": f"{redis_prefix}storm",
@@ -279,7 +279,7 @@ def test_storm_on_postgres_and_redis(
 @pytest.mark.parametrize("locks", ["on", "off"])
 def test_storm_on_mariadb(
     locks: str,
-    mysql_url: str,
+    own_mysql_url: str,
     redis_url: str,
     redis_prefix: str,
     localstripe_url: str,
@@ -287,9 +287,9 @@ def test_storm_on_mariadb(
 ) -> None:
     from idempay.backends.sql import upgrade
 
-    upgrade(mysql_url)
+    upgrade(own_mysql_url)
     urls = {
-        "db": mysql_url,
+        "db": own_mysql_url,
         "records": redis_url,
         "locks": redis_url if locks == "on" else "none://",
         "stripe": localstripe_url,
