@@ -87,6 +87,7 @@ from idempay.errors import (
     RequestError,
     RequestInFlightError,
     ServiceUnavailableError,
+    StoreError,
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._async import AsyncStripeGateway
@@ -240,6 +241,8 @@ class AsyncGuard:
                     return await self._checkout(handler, operation, ignore, request)
                 except RequestError as error:
                     return problem_response(error, instance=request.route)
+                except StoreError as error:
+                    return problem_response(_store_unavailable(error), instance=request.route)
 
             endpoint.__name__ = getattr(handler, "__name__", "checkout")
             endpoint.__doc__ = handler.__doc__
@@ -443,8 +446,9 @@ class AsyncGuard:
 
     async def _release_quietly(self, scope_text: str, key: str, lease: Lease) -> None:
         records = cast("AsyncIdempotencyStore", self.records)
-        # Another owner may have it already: then there is nothing of ours to give back.
-        with contextlib.suppress(LeaseLostError):
+        # Another owner may have it already: then there is nothing of ours to give back. If the
+        # store itself failed, the lease runs out by itself: the original error matters more.
+        with contextlib.suppress(StoreError):
             await records.release(scope_text, key, lease)
 
     async def _create_order(
@@ -648,9 +652,14 @@ class AsyncGuard:
         """
         try:
             outcome = await self._receive(request)
+        except ServiceUnavailableError as error:
+            # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
+            return problem_response(error, instance=request.route)
         except RequestError as error:
             await self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
             return problem_response(error, instance=request.route)
+        except StoreError as error:
+            return problem_response(_store_unavailable(error), instance=request.route)
         return json_response(200, {"received": True, "outcome": outcome.value})
 
     async def _receive(self, request: GuardRequest) -> WebhookOutcome:
@@ -1077,3 +1086,10 @@ class AsyncGuard:
         delay = min(self.config.effect_backoff_cap.total_seconds(), base)
         jittered = random.uniform(delay / 2, delay)  # noqa: S311 - spreading retries
         return self.clock.now() + timedelta(seconds=jittered)
+
+
+def _store_unavailable(error: StoreError) -> ServiceUnavailableError:
+    """A store failure (a lost connection, a lost commit acknowledgement) as a 503: the client
+    retries with the same key, or Stripe delivers again, and finds what was committed."""
+    logger.warning("a store failed (%s); answered 503 for a retry", type(error).__name__)
+    return ServiceUnavailableError("the payment store is unavailable; retry", retry_after=1)

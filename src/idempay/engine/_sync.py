@@ -86,6 +86,7 @@ from idempay.errors import (
     RequestError,
     RequestInFlightError,
     ServiceUnavailableError,
+    StoreError,
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._sync import StripeGateway
@@ -236,6 +237,8 @@ class Guard:
                     return self._checkout(handler, operation, ignore, request)
                 except RequestError as error:
                     return problem_response(error, instance=request.route)
+                except StoreError as error:
+                    return problem_response(_store_unavailable(error), instance=request.route)
 
             endpoint.__name__ = getattr(handler, "__name__", "checkout")
             endpoint.__doc__ = handler.__doc__
@@ -439,8 +442,9 @@ class Guard:
 
     def _release_quietly(self, scope_text: str, key: str, lease: Lease) -> None:
         records = cast("IdempotencyStore", self.records)
-        # Another owner may have it already: then there is nothing of ours to give back.
-        with contextlib.suppress(LeaseLostError):
+        # Another owner may have it already: then there is nothing of ours to give back. If the
+        # store itself failed, the lease runs out by itself: the original error matters more.
+        with contextlib.suppress(StoreError):
             records.release(scope_text, key, lease)
 
     def _create_order(
@@ -644,9 +648,14 @@ class Guard:
         """
         try:
             outcome = self._receive(request)
+        except ServiceUnavailableError as error:
+            # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
+            return problem_response(error, instance=request.route)
         except RequestError as error:
             self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
             return problem_response(error, instance=request.route)
+        except StoreError as error:
+            return problem_response(_store_unavailable(error), instance=request.route)
         return json_response(200, {"received": True, "outcome": outcome.value})
 
     def _receive(self, request: GuardRequest) -> WebhookOutcome:
@@ -1073,3 +1082,10 @@ class Guard:
         delay = min(self.config.effect_backoff_cap.total_seconds(), base)
         jittered = random.uniform(delay / 2, delay)  # noqa: S311 - spreading retries
         return self.clock.now() + timedelta(seconds=jittered)
+
+
+def _store_unavailable(error: StoreError) -> ServiceUnavailableError:
+    """A store failure (a lost connection, a lost commit acknowledgement) as a 503: the client
+    retries with the same key, or Stripe delivers again, and finds what was committed."""
+    logger.warning("a store failed (%s); answered 503 for a retry", type(error).__name__)
+    return ServiceUnavailableError("the payment store is unavailable; retry", retry_after=1)
