@@ -117,7 +117,8 @@ class _Registered:
 
 
 class Guard:
-    """Guards Stripe webhooks and runs their effects, in an asyncio application.
+    """The guard: checkouts, Stripe webhooks and their effects (``Guard`` for asyncio
+    applications; ``Guard`` is its sync twin, generated from the same source).
 
     Args:
         payments: the store of orders, inbox, audit and outbox (it must also be the outbox
@@ -697,6 +698,17 @@ class Guard:
         first = self._read(inbox, tenant)
         if self._already_done(first, event, tenant):
             return WebhookOutcome.DUPLICATE
+        if first.order is None and first.stored_status is InboxStatus.ORPHAN:
+            # Kept already, and its order still does not exist: nothing to write or lock.
+            log_decision(
+                AuditStep.ORPHANED,
+                source=AuditSource.WEBHOOK,
+                tenant=tenant or "",
+                order_id=order_id,
+                event_id=event.id,
+                reason="no order yet",
+            )
+            return WebhookOutcome.ORPHANED
         name = f"pi:{event.payment_intent_id or event.id}"
         lease, busy = self._lock_once(name)
         pending = [first]

@@ -1008,7 +1008,8 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
         async def op(conn: AsyncConnection) -> None:
             if self._kind is Kind.POSTGRESQL:
                 await conn.execute(_NOT_DURABLE)
-            await conn.execute(JOURNAL_INSERT, rows)
+            # One multi-row INSERT (an executemany would send one statement per row).
+            await conn.execute(JOURNAL_INSERT.values(rows))
 
         await self._run("append_journal", op)
 

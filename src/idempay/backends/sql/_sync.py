@@ -1004,7 +1004,8 @@ class SQLPaymentStore(SQLStoreBase):
         def op(conn: Connection) -> None:
             if self._kind is Kind.POSTGRESQL:
                 conn.execute(_NOT_DURABLE)
-            conn.execute(JOURNAL_INSERT, rows)
+            # One multi-row INSERT (an executemany would send one statement per row).
+            conn.execute(JOURNAL_INSERT.values(rows))
 
         self._run("append_journal", op)
 
