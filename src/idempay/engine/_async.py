@@ -9,7 +9,6 @@ the lock provider, when there is one, only cuts contention.
 from __future__ import annotations
 
 import asyncio  # unasync: remove
-import contextlib
 import json
 import logging
 import random
@@ -447,10 +446,17 @@ class AsyncGuard:
 
     async def _release_quietly(self, scope_text: str, key: str, lease: Lease) -> None:
         records = cast("AsyncIdempotencyStore", self.records)
-        # Another owner may have it already: then there is nothing of ours to give back. If the
-        # store itself failed, the lease runs out by itself: the original error matters more.
-        with contextlib.suppress(StoreError):
-            await records.release(scope_text, key, lease)
+        # Another owner may have it already: then there is nothing of ours to give back. A lost
+        # connection is replaced for a second attempt (the pool drops dead connections); if the
+        # store still fails, the lease runs out by itself: the original error matters more.
+        for _ in range(2):
+            try:
+                await records.release(scope_text, key, lease)
+            except LeaseLostError:
+                return
+            except StoreError:
+                continue
+            return
 
     async def _create_order(
         self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute
