@@ -33,7 +33,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 test: lint typecheck
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml:coverage.xml
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=xml:coverage.xml --durations=15
 	$(BIN)/python -m coverage report --fail-under=$(CORE_COVERAGE_MIN) \
 		--include='src/idempay/core/*,src/idempay/errors.py' --skip-covered --show-missing
 
