@@ -1,5 +1,6 @@
 """The Django shop's HTTP contract, run for real: ``serve.sh`` with several uvicorn workers,
-on PostgreSQL + Redis and on SQLite alone, with localstripe as Stripe."""
+on PostgreSQL + Redis and on SQLite alone, against localstripe and against idempay's Stripe
+simulator."""
 
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ SECRET = "whsec_example_tests"
 TIMEOUT = 30
 
 
+@pytest.fixture(scope="module", params=["localstripe", "simulator"])
+def stripe_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The Stripe the shop talks to: localstripe (written by others), or idempay's simulator."""
+    if request.param == "localstripe":
+        yield request.getfixturevalue("localstripe_url")
+        return
+    from idempay.testing.simulator import StripeSimulator
+
+    with StripeSimulator() as simulator:
+        yield simulator.url
+
+
 @pytest.fixture(
     scope="module",
     params=[
@@ -28,7 +41,7 @@ TIMEOUT = 30
     ],
 )
 def shop(
-    request: pytest.FixtureRequest, localstripe_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, stripe_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ExampleServer]:
     if request.param == "sqlite":
         database = f"sqlite:///{tmp_path_factory.mktemp('shop') / 'shop.db'}"
@@ -40,7 +53,7 @@ def shop(
         "IDEMPAY_DATABASE_URL": database,
         "IDEMPAY_LOCK_URL": locks,
         "STRIPE_API_KEY": "sk_test_example",
-        "STRIPE_API_BASE": localstripe_url,
+        "STRIPE_API_BASE": stripe_url,
         "STRIPE_WEBHOOK_SECRET": f"whsec_old,{SECRET}",
     }
     with ExampleServer("django", env, workers=2) as server:
@@ -48,10 +61,8 @@ def shop(
 
 
 @pytest.fixture(scope="module")
-def stripe(localstripe_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(
-        base_url=localstripe_url, auth=("sk_test_example", ""), timeout=TIMEOUT
-    ) as client:
+def stripe(stripe_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stripe_url, auth=("sk_test_example", ""), timeout=TIMEOUT) as client:
         yield client
 
 
