@@ -7,7 +7,11 @@ sync twin both use these definitions.
 Layout:
 
 - a lock is the string key ``<prefix>:lock:{<tag>}`` holding its owner's random token, with a
-  millisecond expiry; its fencing counter is ``<prefix>:fence:{<tag>}``, which never expires.
+  millisecond expiry; its fencing counter is ``<prefix>:fence:{<tag>}``, kept for
+  :data:`FENCE_RETENTION_MS` (a week) after the last acquire, or the lock's ttl if longer, so
+  that a lock name used once (one per PaymentIntent, one per idempotency key) does not hold
+  memory for ever. A counter that expired restarts, as after a Redis restart: every write that
+  matters is fenced again in the database.
   The braces are a Redis Cluster hash tag, so both keys live in one slot. ``<tag>`` is the
   lock name itself, or a digest of it (followed by ``:<name>``) when the name has braces or is
   empty, which would otherwise break the tag.
@@ -59,6 +63,7 @@ else:
     redis_exceptions = require("redis.exceptions", extra="redis")
 
 __all__ = [
+    "FENCE_RETENTION_MS",
     "LOCK_ACQUIRE",
     "LOCK_EXTEND",
     "LOCK_RELEASE",
@@ -139,13 +144,18 @@ local function now_us(arg)
 end
 """
 
+FENCE_RETENTION_MS: Final = 7 * 24 * 3600 * 1000
+"""How long a lock's fencing counter outlives the lock's last acquire."""
+
 LOCK_ACQUIRE: Final = (
     _NOW
+    + f"local FENCE_RETENTION_MS = {FENCE_RETENTION_MS}\n"
     + """
 -- KEYS: lock, fence. ARGV: token, ttl in ms.
 -- Returns {fence, now in us} on success, else {0, the holder's remaining ms}.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local fence = redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], math.max(tonumber(ARGV[2]), FENCE_RETENTION_MS))
   return {fence, now_us()}
 end
 return {0, redis.call('PTTL', KEYS[1])}
