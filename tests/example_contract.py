@@ -53,15 +53,19 @@ def shop(
     if request.param == "sqlite":
         database = f"sqlite:///{tmp_path_factory.mktemp('shop') / 'shop.db'}"
         locks = "memory://"
+        prefix = ""
     else:
         database = request.getfixturevalue("postgres_url")
         locks = request.getfixturevalue("redis_url")
+        # Under the run's own prefix, which the run deletes at its end.
+        prefix = request.getfixturevalue("redis_prefix") + example_name
     env = {
         "IDEMPAY_DATABASE_URL": database,
         "IDEMPAY_LOCK_URL": locks,
         "STRIPE_API_KEY": "sk_test_example",
         "STRIPE_API_BASE": stripe_url,
         "STRIPE_WEBHOOK_SECRET": f"whsec_old,{SECRET}",
+        "IDEMPAY_REDIS_PREFIX": prefix or "idempay-example",
     }
     with ExampleServer(example_name, env, workers=2) as server:
         yield server

@@ -45,6 +45,7 @@ class Settings:
     stripe_api_base: str | None
     webhook_secrets: tuple[str, ...]
     lease_seconds: float = 30.0
+    redis_prefix: str = "idempay-example"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -56,6 +57,7 @@ class Settings:
             stripe_api_base=os.environ.get("STRIPE_API_BASE") or None,
             webhook_secrets=tuple(s.strip() for s in secrets.split(",") if s.strip()),
             lease_seconds=float(os.environ.get("IDEMPAY_LEASE_SECONDS", "30")),
+            redis_prefix=os.environ.get("IDEMPAY_REDIS_PREFIX", "idempay-example"),
         )
 
 
@@ -68,7 +70,8 @@ def user_scope(request: Request) -> tuple[str, str]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the shop. Every worker process builds its own guard on the shared stores."""
     settings = settings or Settings.from_env()
-    options = {"prefix": "idempay-example"} if settings.lock_url.startswith("redis") else {}
+    redis = settings.lock_url.startswith("redis")
+    options = {"prefix": settings.redis_prefix} if redis else {}
     guard = AsyncGuard(
         payments=async_payment_store_from_url(settings.database_url),
         records=async_idempotency_store_from_url(settings.database_url),

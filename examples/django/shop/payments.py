@@ -51,7 +51,8 @@ def _dispatcher() -> EffectDispatcher:
 @functools.cache
 def _build() -> Guard:
     lock_url = str(settings.IDEMPAY_LOCK_URL)
-    options = {"prefix": "idempay-example"} if lock_url.startswith("redis") else {}
+    redis = lock_url.startswith("redis")
+    options = {"prefix": str(settings.IDEMPAY_REDIS_PREFIX)} if redis else {}
     built = Guard(
         payments=payment_store_from_url(settings.IDEMPAY_DATABASE_URL),
         records=idempotency_store_from_url(settings.IDEMPAY_DATABASE_URL),

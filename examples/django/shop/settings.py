@@ -33,6 +33,7 @@ USE_TZ = True
 
 IDEMPAY_DATABASE_URL = os.environ.get("IDEMPAY_DATABASE_URL", "sqlite:///./idempay-example.db")
 IDEMPAY_LOCK_URL = os.environ.get("IDEMPAY_LOCK_URL", "memory://")
+IDEMPAY_REDIS_PREFIX = os.environ.get("IDEMPAY_REDIS_PREFIX", "idempay-example")
 IDEMPAY_LEASE_SECONDS = float(os.environ.get("IDEMPAY_LEASE_SECONDS", "30"))
 STRIPE_API_KEY = os.environ.get("STRIPE_API_KEY", "sk_test_idempay_example")
 STRIPE_API_BASE = os.environ.get("STRIPE_API_BASE") or None
