@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from idempay import __version__
+
+if TYPE_CHECKING:
+    from idempay.core.audit import TrailCheck
 
 __all__ = ["main"]
 
@@ -48,6 +52,72 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_BROKEN_TRAIL = 1
+EXIT_NOT_FOUND = 4
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from idempay.backends import payment_store_from_url
+    from idempay.engine import Guard, GuardConfig
+    from idempay.errors import OrderNotFoundError
+
+    url = args.database_url or os.environ.get("IDEMPAY_DATABASE_URL")
+    if not url:
+        sys.stderr.write("idempay inspect: give --database-url or set IDEMPAY_DATABASE_URL\n")
+        return 2
+    payments = payment_store_from_url(url)
+    try:
+        guard = Guard(payments=payments, config=GuardConfig())
+        try:
+            view = guard.inspect_order(args.order_id, tenant=args.tenant)
+        except OrderNotFoundError:
+            sys.stderr.write(f"idempay inspect: no order {args.order_id!r}\n")
+            return EXIT_NOT_FOUND
+    finally:
+        close = getattr(payments, "close", None)
+        if close is not None:
+            close()
+    check = view.trail_check
+    if args.json:
+        document = view.to_document() | {
+            "audit_check": {"ok": check.ok, "broken_at": check.broken_at, "problem": check.problem}
+        }
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    else:
+        sys.stdout.write(_order_text(view.to_document(), check))
+    return 0 if check.ok else EXIT_BROKEN_TRAIL
+
+
+def _order_text(document: dict[str, Any], check: TrailCheck) -> str:
+    refunded = f" (refunded {document['amount_refunded']})"
+    lines = [
+        f"order      {document['order_id']}",
+        f"status     {document['status']}",
+        f"amount     {document['amount']} {document['currency']}{refunded}",
+        f"payment    {document['payment_intent_id'] or '-'}",
+        "",
+        "audit (* = journal: a decision that changed nothing)",
+    ]
+    for entry in document["audit"]:
+        moved = ""
+        if "to_status" in entry:
+            moved = f"{entry.get('from_status') or '-'} -> {entry['to_status']}"
+        mark = " " if entry["durable"] else "*"
+        lines.append(
+            f" {mark}{entry.get('seq', ''):>4} {entry['at'][:26]:<26} {entry['step']:<18}"
+            f" {entry['source']:<10} {moved:<34} {entry.get('event_id') or ''}".rstrip()
+        )
+    verdict = "intact" if check.ok else f"BROKEN at seq {check.broken_at}: {check.problem}"
+    lines += ["", f"hash chain {verdict}", "", "effects"]
+    effects = [*document["effects"], *document["pending_effects"]]
+    lines += [f"  {e['kind']:<20} {e['status']:<8} attempts {e['attempts']}" for e in effects]
+    if not effects:
+        lines.append("  (none)")
+    return "\n".join(lines) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idempay",
@@ -82,6 +152,22 @@ def _parser() -> argparse.ArgumentParser:
         "--no-kill", action="store_true", help="do not kill a worker in the middle of the storm"
     )
     demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show an order, its audit trail (hash chain verified) and its effects",
+        description="Show one order as it stands: its state, every step of its audit trail "
+        "with the hash chain verified, the decisions of its journal, and its effects. Exit "
+        f"codes: 0 intact, {EXIT_BROKEN_TRAIL} the trail's hash chain is broken, "
+        f"{EXIT_NOT_FOUND} no such order, 2 bad usage.",
+    )
+    inspect.add_argument("order_id", metavar="ORDER_ID")
+    inspect.add_argument("--tenant", default="", help="the order's tenant (default: none)")
+    inspect.add_argument(
+        "--database-url", help="SQLAlchemy URL of the database (default: $IDEMPAY_DATABASE_URL)"
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(run=_inspect)
 
     db = commands.add_parser("db", help="manage idempay's tables in your database")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
