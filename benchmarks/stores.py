@@ -30,34 +30,26 @@ reported as skipped, and its ratios print as ``na``. The last line of output is 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
-import secrets
-import socket
 import sys
 import tempfile
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
+from _common import (
+    RUN,
+    Unavailable,
+    out,
+    parse_args,
+    require_port,
+    run,
+    scratch_database,
+    service_url,
+)
 from _harness import Contender, Measured, Plan, measure_group
-
-RUN: Final = secrets.token_hex(4)
-
-DEFAULT_URLS: Final = {
-    "postgres": (
-        "IDEMPAY_TEST_POSTGRES_URL",
-        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-    ),
-    "mysql": ("IDEMPAY_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
-    "redis": ("IDEMPAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-}
 
 TARGETS: Final = {
     # key: (minimum ratio, strictly above?)
@@ -70,16 +62,6 @@ TARGETS: Final = {
 }
 
 SECTIONS: Final = ("memory", "sqlite", "postgres", "mysql", "redis")
-
-
-class Unavailable(Exception):  # noqa: N818 - reads as "the service is unavailable"
-    """A service or an optional package is missing: the section is skipped, not failed."""
-
-
-def out(line: str = "") -> None:
-    """Print a line of the report (stdout, flushed: progress shows as it happens)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,48 +119,6 @@ class Report:
 
 
 # --- services ------------------------------------------------------------------------------
-
-
-def service_url(kind: str) -> str:
-    env, default = DEFAULT_URLS[kind]
-    return os.environ.get(env) or default
-
-
-def require_port(url: str, what: str) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port
-    if port is None:
-        port = {"redis": 6379, "rediss": 6379, "mysql": 3306}.get(parts.scheme.split("+")[0], 5432)
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return
-    except OSError as exc:
-        raise Unavailable(f"{what} not reachable at {host}:{port}") from exc
-
-
-@contextmanager
-def scratch_database(server_url: str, *, mysql: bool) -> Iterator[str]:
-    """Create a uniquely named database for this run; drop it at the end."""
-    import sqlalchemy as sa
-
-    name = f"idempay_bench_{RUN}"
-    if mysql:
-        create = f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
-        drop = f"DROP DATABASE IF EXISTS `{name}`"
-    else:
-        create, drop = f'CREATE DATABASE "{name}"', f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(create))
-        try:
-            url = sa.make_url(server_url).set(database=name)
-            yield url.render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(drop))
-    finally:
-        admin.dispose()
 
 
 # --- sections ------------------------------------------------------------------------------
@@ -264,7 +204,7 @@ def section_postgres(report: Report, plan: Plan, stack: ExitStack) -> None:
 
     server = service_url("postgres")
     require_port(server, "PostgreSQL")
-    url = stack.enter_context(scratch_database(server, mysql=False))
+    url = stack.enter_context(scratch_database(server, f"idempay_bench_{RUN}"))
     idem, payments = open_sql_stores(url, stack)
     idempay_store_groups(
         report,
@@ -282,7 +222,7 @@ def section_postgres(report: Report, plan: Plan, stack: ExitStack) -> None:
 def section_mysql(report: Report, plan: Plan, stack: ExitStack) -> None:
     server = service_url("mysql")
     require_port(server, "MySQL/MariaDB")
-    url = stack.enter_context(scratch_database(server, mysql=True))
+    url = stack.enter_context(scratch_database(server, f"idempay_bench_{RUN}", mysql=True))
     idem, payments = open_sql_stores(url, stack)
     with payments.engine.connect():  # the dialect learns the server's flavour on connecting
         flavour = "mariadb" if payments.engine.dialect.is_mariadb else "mysql"
@@ -409,76 +349,24 @@ def summary(report: Report) -> str:
     return " ".join(parts)
 
 
-def versions() -> str:
-    """The versions of the packages measured, as ``name version`` pairs (absent ones left out)."""
-    from importlib import metadata
-
-    names = ("SQLAlchemy", "psycopg", "PyMySQL", "redis", "aws-lambda-powertools", "idemkit")
-    found = []
-    for name in names:
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return ", ".join(found)
-
-
 # --- main ----------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Benchmark idempay's stores against same-run baselines and peer libraries."
-    )
-    parser.add_argument("--quick", action="store_true", help="about one minute in all")
-    parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every batch's duration (default 1)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=8, help="callers in the concurrent mode (default 8)"
-    )
-    parser.add_argument(
-        "--only",
-        default=",".join(SECTIONS),
-        help=f"comma-separated sections to run (default: {','.join(SECTIONS)})",
-    )
-    args = parser.parse_args(argv)
-    if args.scale <= 0 or args.threads < 1:
-        parser.error("--scale must be positive and --threads at least 1")
-    unknown = set(args.only.split(",")) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    return args
-
-
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    reps, seconds = (5, 0.2) if args.quick else (7, 0.9)
-    plan = Plan(reps=reps, seconds=seconds * args.scale, warmup_ops=30, threads=args.threads)
-    out(
-        f"idempay stores benchmark, run {RUN}: {plan.reps} interleaved repetitions of "
-        f"{plan.seconds:.2f} s batches, conc = {plan.threads} threads, {os.cpu_count()} CPUs"
+    args = parse_args(
+        argv,
+        description="Benchmark idempay's stores against same-run baselines and peer libraries.",
+        sections=SECTIONS,
     )
-    out(f"python {sys.version.split()[0]}; {versions()}")
-    report = Report()
-    started = time.perf_counter()
-    for name in args.only.split(","):
-        out(f"[{name}]")
-        try:
-            with ExitStack() as stack:
-                RUNNERS[name](report, plan, stack)
-        except Unavailable as exc:
-            report.skipped[name] = str(exc)
-            out(f"  skipped: {exc}")
-        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
-            report.failed[name] = f"{type(exc).__name__}: {exc}"
-            out(f"  FAILED: {type(exc).__name__}: {exc}")
-            traceback.print_exc(file=sys.stdout)
-    out()
-    print_table(report)
-    out(f"\n{time.perf_counter() - started:.0f} s in all")
-    out(summary(report))
-    return 1 if report.failed else 0
+    return run(
+        "stores benchmark",
+        args,
+        runners=RUNNERS,
+        report=Report(),
+        print_report=print_table,
+        summary=summary,
+        packages=("SQLAlchemy", "psycopg", "PyMySQL", "redis", "aws-lambda-powertools", "idemkit"),
+    )
 
 
 if __name__ == "__main__":

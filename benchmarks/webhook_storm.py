@@ -31,34 +31,29 @@ missed).
 
 from __future__ import annotations
 
-import argparse
-import os
-import secrets
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 
+from _common import (
+    RUN,
+    out,
+    parse_args,
+    require_port,
+    run,
+    scratch_database,
+    service_url,
+)
 from _harness import Contender, Measured, Plan, measure_group
 
-RUN: Final = secrets.token_hex(4)
 SECTIONS: Final = ("postgres", "sqlite", "roundtrips", "profile")
 DEFAULT_SECTIONS: Final = ("postgres", "sqlite", "roundtrips")
-DEFAULT_URLS: Final = {
-    "postgres": (
-        "IDEMPAY_TEST_POSTGRES_URL",
-        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-    ),
-    "redis": ("IDEMPAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-}
 # Deliveries processed before the timed batches, then replayed as the duplicates.
 REPLAYED: Final = 200
 # Round-trip pass: deliveries of each kind made before counting (psycopg prepares a statement
@@ -101,15 +96,6 @@ SUMMARY_KEYS: Final = (
 )
 
 
-class Unavailable(Exception):  # noqa: N818 - reads as "the service is unavailable"
-    """A service is missing: the section is skipped, not failed."""
-
-
-def out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 @dataclass(frozen=True, slots=True)
 class Row:
     config: str
@@ -134,41 +120,6 @@ class Report:
 
 
 # --- services --------------------------------------------------------------------------------
-
-
-def service_url(kind: str) -> str:
-    env, default = DEFAULT_URLS[kind]
-    return os.environ.get(env) or default
-
-
-def require_port(url: str, what: str) -> None:
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (6379 if parts.scheme.startswith("redis") else 5432)
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return
-    except OSError as exc:
-        raise Unavailable(f"{what} not reachable at {host}:{port}") from exc
-
-
-@contextmanager
-def scratch_database(server_url: str, suffix: str) -> Iterator[str]:
-    """A PostgreSQL database of this run's own, dropped at the end."""
-    import sqlalchemy as sa
-
-    name = f"idempay_storm_{RUN}_{suffix}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def redis_prefix(url: str, stack: ExitStack, suffix: str) -> str:
@@ -366,7 +317,7 @@ def section_postgres(report: Report, plan: Plan, stack: ExitStack) -> None:
     server, redis_url = service_url("postgres"), service_url("redis")
     require_port(server, "PostgreSQL")
     require_port(redis_url, "Redis")
-    url = stack.enter_context(scratch_database(server, "timed"))
+    url = stack.enter_context(scratch_database(server, f"idempay_storm_{RUN}_timed"))
     prefix = redis_prefix(redis_url, stack, "timed")
     guard = idempay_guard(url, redis_url, prefix=f"{prefix}idempay")
     stack.callback(close_guard, guard)
@@ -554,7 +505,7 @@ def section_round_trips(report: Report, plan: Plan, stack: ExitStack) -> None:
     server, redis_url = service_url("postgres"), service_url("redis")
     require_port(server, "PostgreSQL")
     require_port(redis_url, "Redis")
-    url = stack.enter_context(scratch_database(server, "wire"))
+    url = stack.enter_context(scratch_database(server, f"idempay_storm_{RUN}_wire"))
     prefix = redis_prefix(redis_url, stack, "wire")
     pg = stack.enter_context(WireProxy.from_url(url))
     rd = stack.enter_context(WireProxy.from_url(redis_url))
@@ -628,7 +579,7 @@ def section_profile(report: Report, plan: Plan, stack: ExitStack) -> None:
     server, redis_url = service_url("postgres"), service_url("redis")
     require_port(server, "PostgreSQL")
     require_port(redis_url, "Redis")
-    url = stack.enter_context(scratch_database(server, "profile"))
+    url = stack.enter_context(scratch_database(server, f"idempay_storm_{RUN}_profile"))
     prefix = redis_prefix(redis_url, stack, "profile")
     guard = idempay_guard(url, redis_url, prefix=f"{prefix}idempay")
     stack.callback(close_guard, guard)
@@ -777,77 +728,25 @@ def summary(report: Report) -> str:
     return " ".join(parts)
 
 
-def versions() -> str:
-    from importlib import metadata
-
-    found = []
-    for name in ("SQLAlchemy", "psycopg", "redis"):
-        try:
-            found.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return ", ".join(found)
-
-
 # --- main ------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="A storm of Stripe webhooks through idempay, against the brief's design."
-    )
-    parser.add_argument("--quick", action="store_true", help="about one minute in all")
-    parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply every batch's duration (default 1)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=8, help="callers in the concurrent mode (default 8)"
-    )
-    parser.add_argument(
-        "--only",
-        default=",".join(DEFAULT_SECTIONS),
-        help=(
-            f"comma-separated sections to run, among {','.join(SECTIONS)} "
-            f"(default: {','.join(DEFAULT_SECTIONS)})"
-        ),
-    )
-    args = parser.parse_args(argv)
-    if args.scale <= 0 or args.threads < 1:
-        parser.error("--scale must be positive and --threads at least 1")
-    unknown = set(args.only.split(",")) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    return args
-
-
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    reps, seconds = (5, 0.2) if args.quick else (7, 0.9)
-    plan = Plan(reps=reps, seconds=seconds * args.scale, warmup_ops=30, threads=args.threads)
-    out(
-        f"idempay webhook storm, run {RUN}: {plan.reps} interleaved repetitions of "
-        f"{plan.seconds:.2f} s batches, conc = {plan.threads} threads, {os.cpu_count()} CPUs"
+    args = parse_args(
+        argv,
+        description="A storm of Stripe webhooks through idempay, against the brief's design.",
+        sections=SECTIONS,
+        default_sections=DEFAULT_SECTIONS,
     )
-    out(f"python {sys.version.split()[0]}; {versions()}")
-    report = Report()
-    started = time.perf_counter()
-    for name in args.only.split(","):
-        out(f"[{name}]")
-        try:
-            with ExitStack() as stack:
-                RUNNERS[name](report, plan, stack)
-        except Unavailable as exc:
-            report.skipped[name] = str(exc)
-            out(f"  skipped: {exc}")
-        except Exception as exc:  # noqa: BLE001 - one broken section must not hide the others
-            report.failed[name] = f"{type(exc).__name__}: {exc}"
-            out(f"  FAILED: {type(exc).__name__}: {exc}")
-            traceback.print_exc(file=sys.stdout)
-    out()
-    print_report(report)
-    out(f"\n{time.perf_counter() - started:.0f} s in all")
-    out(summary(report))
-    return 1 if report.failed else 0
+    return run(
+        "webhook storm",
+        args,
+        runners=RUNNERS,
+        report=Report(),
+        print_report=print_report,
+        summary=summary,
+        packages=("SQLAlchemy", "psycopg", "redis"),
+    )
 
 
 if __name__ == "__main__":
