@@ -21,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = tuple(
-    ROOT / "src" / "idempay" / name for name in ("backends", "engine", "gateway", "testing")
+    ROOT / "src" / "idempay" / name
+    for name in ("backends", "engine", "gateway", "operations", "testing")
 )
 
 REPLACEMENTS: dict[str, str] = {

@@ -67,8 +67,10 @@ def user_scope(request: Request) -> tuple[str, str]:
     return "", request.headers.get("x-user-id") or "anonymous"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the shop. Every worker process builds its own guard on the shared stores."""
+def build_guard(settings: Settings | None = None) -> AsyncGuard:
+    """The shop's guard, with its receipt effect: the web app uses it, and so do idempay's
+    commands (``idempay reconcile --app shop:build_guard``), so that an order they pay gets
+    its receipt too."""
     settings = settings or Settings.from_env()
     redis = settings.lock_url.startswith("redis")
     options = {"prefix": settings.redis_prefix} if redis else {}
@@ -84,13 +86,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             lease=timedelta(seconds=settings.lease_seconds),
         ),
     )
-    idem = StarletteIdempay(guard, scope=user_scope)
 
     @guard.effect("receipt_email", on="paid")
     async def send_receipt(effect: EffectContext) -> None:
         # A real shop hands effect.dedup_key to its e-mail provider as the idempotency key,
         # so that a retried effect never sends a second e-mail.
         log.info("receipt for order %s (%s)", effect.order_id, effect.dedup_key)
+
+    return guard
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the shop. Every worker process builds its own guard on the shared stores."""
+    guard = build_guard(settings)
+    idem = StarletteIdempay(guard, scope=user_scope)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

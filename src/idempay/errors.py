@@ -33,6 +33,18 @@ The tree::
     │   ├── ConcurrentUpdateError          compare-and-set lost against another writer
     │   └── TransientStoreError            retriable failure left after bounded retries
     └── LockError                          a lock provider failed (not: "lock is busy")
+
+Grouping in Sentry and similar tools: a message is constant for its cause (it names the rule or
+the field, never the value), and :attr:`IdempayError.fingerprint` is a stable tuple (the
+library, the class, the ``code`` of an error that reaches HTTP and the ``reason`` of one that
+has one) that a ``before_send`` hook can use as the event's fingerprint, so that one cause
+makes one issue however many orders or requests it hits::
+
+    def before_send(event, hint):
+        exc_info = hint.get("exc_info")
+        if exc_info and isinstance(exc_info[1], IdempayError):
+            event["fingerprint"] = list(exc_info[1].fingerprint)
+        return event
 """
 
 from __future__ import annotations
@@ -76,6 +88,19 @@ PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
 class IdempayError(Exception):
     """Root of every exception idempay raises."""
 
+    @property
+    def fingerprint(self) -> tuple[str, ...]:
+        """A stable grouping key: ``("idempay", class name, code[, reason])``.
+
+        Equal for every occurrence of the same cause, different for different causes; made of
+        class attributes and fixed identifiers only, never of the request's values. The code
+        is empty for errors that do not reach HTTP.
+        """
+        return ("idempay", type(self).__name__, *self._grouping())
+
+    def _grouping(self) -> tuple[str, ...]:
+        return ("",)
+
 
 class ConfigurationError(IdempayError, ValueError):
     """An option has an invalid value, or components were wired together wrongly."""
@@ -113,6 +138,9 @@ class RequestError(IdempayError):
     def headers(self) -> dict[str, str]:
         """Extra response headers this error calls for (``Retry-After`` and the like)."""
         return {}
+
+    def _grouping(self) -> tuple[str, ...]:
+        return (self.code,)
 
     def to_problem(self, *, instance: str | None = None) -> dict[str, Any]:
         """Return the RFC 9457 problem document for this error."""
@@ -222,6 +250,9 @@ class MalformedJSONError(PayloadError):
     def _extra_members(self) -> dict[str, Any]:
         return {"reason": self.reason}
 
+    def _grouping(self) -> tuple[str, ...]:
+        return (self.code, self.reason)
+
 
 class PayloadTooLargeError(PayloadError):
     """The body is larger than the configured limit."""
@@ -232,7 +263,8 @@ class PayloadTooLargeError(PayloadError):
 
     def __init__(self, detail: str | None = None, *, limit: int) -> None:
         self.limit = limit
-        super().__init__(detail or f"the body exceeds the limit of {limit} bytes")
+        # The limit is a member of the problem document, not part of the message.
+        super().__init__(detail or "the body exceeds the size limit")
 
     def _extra_members(self) -> dict[str, Any]:
         return {"limit": self.limit}
@@ -281,6 +313,9 @@ class SignatureVerificationError(RequestError):
 
     def _extra_members(self) -> dict[str, Any]:
         return {"reason": self.reason}
+
+    def _grouping(self) -> tuple[str, ...]:
+        return (self.code, self.reason)
 
 
 class MethodNotAllowedError(RequestError):

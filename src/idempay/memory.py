@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -32,10 +32,11 @@ from idempay.core.models import (
     JournalEntry,
     NewEffect,
     OrderRecord,
+    OutboxBacklog,
     OutboxEntry,
     OutboxStatus,
 )
-from idempay.core.orders import OrderState
+from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import (
     Claimed,
     ClaimResult,
@@ -72,6 +73,11 @@ def _new_token() -> str:
 def _positive(value: timedelta, name: str) -> None:
     if value <= timedelta(0):
         raise ConfigurationError(f"{name} must be positive")
+
+
+def _not_negative(value: timedelta, name: str) -> None:
+    if value < timedelta(0):
+        raise ConfigurationError(f"{name} must not be negative")
 
 
 class _TaskThreadLock:
@@ -426,6 +432,9 @@ class _Tables:
         self.audit: dict[tuple[str, str], tuple[AuditEntry, ...]] = {}
         self.outbox: dict[tuple[str, str, str, str], OutboxEntry] = {}
         self.journal: dict[tuple[str, str | None], list[JournalEntry]] = {}
+        # The reconciler's next check of an order, of an inbox event (absent: never checked).
+        self.order_checks: dict[tuple[str, str], datetime] = {}
+        self.event_checks: dict[tuple[str, str], datetime] = {}
 
     def append_journal(self, entries: Sequence[JournalEntry]) -> None:
         for entry in entries:
@@ -665,8 +674,168 @@ class _MemoryOutbox:
         return sorted(found, key=lambda e: (e.created_at, e.effect, e.discriminator))
 
 
+_SETTLED_EVENTS: Final = (InboxStatus.PROCESSED, InboxStatus.IGNORED, InboxStatus.ORPHAN)
+_Row = TypeVar("_Row", OrderRecord, InboxEvent)
+
+
+class _MemoryMaintenance:
+    """The maintenance operations (reconciler claims, monitoring, purges), shared by the sync
+    and async stores; each runs under the owning store's lock."""
+
+    def __init__(self, tables: _Tables, clock: Clock) -> None:
+        self._t = tables
+        self._clock = clock
+
+    def claim_orders(
+        self,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> list[OrderRecord]:
+        return self._claim(
+            self._t.orders,
+            self._t.order_checks,
+            lambda o: o.state.status in statuses,
+            lambda o: o.updated_at,
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+
+    def claim_events(
+        self,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> list[InboxEvent]:
+        return self._claim(
+            self._t.inbox,
+            self._t.event_checks,
+            lambda e: e.status in statuses,
+            lambda e: e.received_at,
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+
+    def _claim(
+        self,
+        rows: dict[tuple[str, str], _Row],
+        checks: dict[tuple[str, str], datetime],
+        wanted: Callable[[_Row], bool],
+        changed: Callable[[_Row], datetime],
+        *,
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> list[_Row]:
+        _positive(lease_for, "lease_for")
+        _not_negative(untouched_for, "untouched_for")
+        now = self._clock.now()
+        due = []
+        for key, row in rows.items():
+            check = checks.get(key)
+            if (
+                wanted(row)
+                and changed(row) <= now - untouched_for
+                and (check is None or check <= now)
+            ):
+                # Never-checked rows first (False sorts first), then by check, then by change.
+                due.append((check is not None, check or changed(row), changed(row), key))
+        chosen = [key for *_, key in sorted(due)[: max(limit, 0)]]
+        for key in chosen:
+            checks[key] = now + lease_for
+        return [rows[key] for key in chosen]
+
+    def schedule_order(self, key: tuple[str, str], after: timedelta) -> None:
+        _not_negative(after, "after")
+        if key in self._t.orders:
+            self._t.order_checks[key] = self._clock.now() + after
+
+    def schedule_event(self, key: tuple[str, str], after: timedelta) -> None:
+        _not_negative(after, "after")
+        if key in self._t.inbox:
+            self._t.event_checks[key] = self._clock.now() + after
+
+    def order_counts(self) -> dict[OrderStatus, int]:
+        counts: dict[OrderStatus, int] = {}
+        for order in self._t.orders.values():
+            counts[order.state.status] = counts.get(order.state.status, 0) + 1
+        return counts
+
+    def backlog(self) -> OutboxBacklog:
+        now = self._clock.now()
+        pending = [e for e in self._t.outbox.values() if e.status is OutboxStatus.PENDING]
+        due = [e.next_attempt_at for e in pending if e.next_attempt_at <= now]
+        dead = sum(e.status is OutboxStatus.DEAD for e in self._t.outbox.values())
+        return OutboxBacklog(
+            pending=len(pending), due=len(due), dead=dead, oldest_due_at=min(due, default=None)
+        )
+
+    def requeue_dead(self, limit: int) -> int:
+        now = self._clock.now()
+        dead = sorted(
+            (e for e in self._t.outbox.values() if e.status is OutboxStatus.DEAD),
+            key=lambda e: (e.next_attempt_at, e.created_at),
+        )[: max(limit, 0)]
+        for entry in dead:
+            self._t.outbox[_outbox_key(entry)] = replace(
+                entry, status=OutboxStatus.PENDING, attempts=0, next_attempt_at=now, lease=None
+            )
+        return len(dead)
+
+    def purge_events(self, older_than: timedelta, limit: int) -> int:
+        _not_negative(older_than, "older_than")
+        cutoff = self._clock.now() - older_than
+        doomed = [
+            key
+            for key, e in self._t.inbox.items()
+            if e.status in _SETTLED_EVENTS and e.received_at <= cutoff
+        ][: max(limit, 0)]
+        for key in doomed:
+            del self._t.inbox[key]
+            self._t.event_checks.pop(key, None)
+        return len(doomed)
+
+    def purge_effects(self, older_than: timedelta, limit: int) -> int:
+        _not_negative(older_than, "older_than")
+        cutoff = self._clock.now() - older_than
+        doomed = [
+            key
+            for key, e in self._t.outbox.items()
+            if e.status is OutboxStatus.DONE and e.created_at <= cutoff
+        ][: max(limit, 0)]
+        for key in doomed:
+            del self._t.outbox[key]
+        return len(doomed)
+
+    def purge_journal(self, older_than: timedelta, limit: int) -> int:
+        _not_negative(older_than, "older_than")
+        cutoff = self._clock.now() - older_than
+        found = [
+            (entry.at, key, i)
+            for key, entries in self._t.journal.items()
+            for i, entry in enumerate(entries)
+            if entry.at <= cutoff
+        ]
+        found.sort(key=lambda item: item[0])  # oldest first, as the SQL store
+        doomed: dict[tuple[str, str | None], set[int]] = {}
+        for _, key, i in found[: max(limit, 0)]:
+            doomed.setdefault(key, set()).add(i)
+        for key, gone in doomed.items():
+            kept = [e for i, e in enumerate(self._t.journal[key]) if i not in gone]
+            if kept:
+                self._t.journal[key] = kept
+            else:
+                del self._t.journal[key]
+        return sum(len(gone) for gone in doomed.values())
+
+
 class MemoryPaymentStore:
-    """Orders, inbox, audit and outbox in memory. Thread-safe.
+    """Orders, inbox, audit, outbox and journal in memory, with their maintenance (see
+    :class:`~idempay.protocols.MaintenanceStore`). Thread-safe.
 
     Transactions are serialised (one at a time), which is the strictest isolation there is; a
     transaction whose block raises is rolled back entirely.
@@ -676,6 +845,7 @@ class MemoryPaymentStore:
         self._clock = clock or SystemClock()
         self._tables = _Tables()
         self._outbox = _MemoryOutbox(self._tables, self._clock)
+        self._maintenance = _MemoryMaintenance(self._tables, self._clock)
         self._lock = threading.Lock()
 
     @contextmanager
@@ -732,6 +902,60 @@ class MemoryPaymentStore:
     ) -> Sequence[JournalEntry]:
         with self._lock:
             return self._tables.journal_for(tenant, order_id, limit)
+
+    def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        with self._lock:
+            return self._maintenance.claim_orders(statuses, untouched_for, limit, lease_for)
+
+    def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        with self._lock:
+            self._maintenance.schedule_order((tenant, order_id), after)
+
+    def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        with self._lock:
+            return self._maintenance.claim_events(statuses, untouched_for, limit, lease_for)
+
+    def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        with self._lock:
+            self._maintenance.schedule_event((account, event_id), after)
+
+    def order_counts(self) -> Mapping[OrderStatus, int]:
+        with self._lock:
+            return self._maintenance.order_counts()
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        with self._lock:
+            return self._maintenance.backlog()
+
+    def requeue_dead_effects(self, *, limit: int) -> int:
+        with self._lock:
+            return self._maintenance.requeue_dead(limit)
+
+    def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        with self._lock:
+            return self._maintenance.purge_events(older_than, limit)
+
+    def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        with self._lock:
+            return self._maintenance.purge_effects(older_than, limit)
+
+    def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        with self._lock:
+            return self._maintenance.purge_journal(older_than, limit)
 
 
 class _AsyncMemoryTransaction:
@@ -798,6 +1022,7 @@ class AsyncMemoryPaymentStore:
         self._clock = clock or SystemClock()
         self._tables = _Tables()
         self._outbox = _MemoryOutbox(self._tables, self._clock)
+        self._maintenance = _MemoryMaintenance(self._tables, self._clock)
         self._lock = _TaskThreadLock()
 
     @asynccontextmanager
@@ -869,3 +1094,57 @@ class AsyncMemoryPaymentStore:
     ) -> Sequence[JournalEntry]:
         async with self._lock.hold():
             return self._tables.journal_for(tenant, order_id, limit)
+
+    async def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        async with self._lock.hold():
+            return self._maintenance.claim_orders(statuses, untouched_for, limit, lease_for)
+
+    async def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        async with self._lock.hold():
+            self._maintenance.schedule_order((tenant, order_id), after)
+
+    async def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        async with self._lock.hold():
+            return self._maintenance.claim_events(statuses, untouched_for, limit, lease_for)
+
+    async def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        async with self._lock.hold():
+            self._maintenance.schedule_event((account, event_id), after)
+
+    async def order_counts(self) -> Mapping[OrderStatus, int]:
+        async with self._lock.hold():
+            return self._maintenance.order_counts()
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        async with self._lock.hold():
+            return self._maintenance.backlog()
+
+    async def requeue_dead_effects(self, *, limit: int) -> int:
+        async with self._lock.hold():
+            return self._maintenance.requeue_dead(limit)
+
+    async def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        async with self._lock.hold():
+            return self._maintenance.purge_events(older_than, limit)
+
+    async def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        async with self._lock.hold():
+            return self._maintenance.purge_effects(older_than, limit)
+
+    async def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        async with self._lock.hold():
+            return self._maintenance.purge_journal(older_than, limit)

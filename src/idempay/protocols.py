@@ -14,7 +14,7 @@ Async twins carry the ``Async`` prefix and the same semantics.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Protocol, TypeVar, runtime_checkable
@@ -28,9 +28,10 @@ from idempay.core.models import (
     JournalEntry,
     NewEffect,
     OrderRecord,
+    OutboxBacklog,
     OutboxEntry,
 )
-from idempay.core.orders import OrderState
+from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import ClaimResult, IdempotencyRecord, Lease, StoredResponse
 
 T = TypeVar("T")
@@ -39,12 +40,14 @@ __all__ = [
     "AsyncIdempotencyStore",
     "AsyncJournalStore",
     "AsyncLockProvider",
+    "AsyncMaintenanceStore",
     "AsyncOutboxStore",
     "AsyncPaymentStore",
     "AsyncPaymentTransaction",
     "IdempotencyStore",
     "JournalStore",
     "LockProvider",
+    "MaintenanceStore",
     "OutboxStore",
     "PaymentStore",
     "PaymentTransaction",
@@ -542,4 +545,140 @@ class AsyncOutboxStore(Protocol):
 
     async def effects_for(self, tenant: str, order_id: str) -> Sequence[OutboxEntry]:
         """See :meth:`OutboxStore.effects_for`."""
+        ...
+
+
+@runtime_checkable
+class MaintenanceStore(Protocol):
+    """What the reconciler, the ``purge`` command and monitoring need from a payment store.
+
+    Optional: a payment store that implements it can be reconciled and purged (every shipped
+    one does). Times are the store's own clock. Each method is atomic on its own.
+
+    The *claims* hand work to one of several concurrent reconcilers: a claimed row is stamped
+    "not before ``now + lease_for``", so that no other caller receives it while the lease runs
+    (``FOR UPDATE SKIP LOCKED`` or equivalent; a caller never waits for another's rows). A
+    reconciler that dies mid-row only delays the row's next check. After checking a row, the
+    reconciler sets its next check with ``schedule_*``.
+    """
+
+    def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        """Lease up to ``limit`` orders whose status is one of ``statuses``, unchanged for at
+        least ``untouched_for`` (``updated_at <= now - untouched_for``; zero takes every one),
+        and whose next check, if any, has come; never-checked orders first, then the longest
+        unchecked, then the oldest change. Each returned order's next check becomes
+        ``now + lease_for``."""
+        ...
+
+    def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        """Set the order's next check to ``now + after`` (zero: due at once)."""
+        ...
+
+    def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        """Like :meth:`claim_orders_to_check`, for inbox events by status and ``received_at``."""
+        ...
+
+    def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        """Set the inbox event's next check to ``now + after``."""
+        ...
+
+    def order_counts(self) -> Mapping[OrderStatus, int]:
+        """How many orders are in each status (statuses without orders may be left out)."""
+        ...
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        """Count pending, due and dead effects, and find the oldest due one."""
+        ...
+
+    def requeue_dead_effects(self, *, limit: int) -> int:
+        """Give up to ``limit`` dead-lettered effects a new round of attempts: pending, due
+        now, attempts back to zero (their dedup key unchanged). Return how many."""
+        ...
+
+    def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` inbox events received before ``now - older_than`` whose
+        status is processed, ignored or orphan (never received or failed ones). Return how
+        many."""
+        ...
+
+    def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` done effects created before ``now - older_than`` (never
+        pending or dead ones). Return how many."""
+        ...
+
+    def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        """Delete up to ``limit`` journal entries written before ``now - older_than``."""
+        ...
+
+
+@runtime_checkable
+class AsyncMaintenanceStore(Protocol):
+    """Async twin of :class:`MaintenanceStore`."""
+
+    async def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        """See :meth:`MaintenanceStore.claim_orders_to_check`."""
+        ...
+
+    async def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        """See :meth:`MaintenanceStore.schedule_order_check`."""
+        ...
+
+    async def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        """See :meth:`MaintenanceStore.claim_events_to_check`."""
+        ...
+
+    async def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        """See :meth:`MaintenanceStore.schedule_event_check`."""
+        ...
+
+    async def order_counts(self) -> Mapping[OrderStatus, int]:
+        """See :meth:`MaintenanceStore.order_counts`."""
+        ...
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """See :meth:`MaintenanceStore.outbox_backlog`."""
+        ...
+
+    async def requeue_dead_effects(self, *, limit: int) -> int:
+        """See :meth:`MaintenanceStore.requeue_dead_effects`."""
+        ...
+
+    async def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`MaintenanceStore.purge_events`."""
+        ...
+
+    async def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`MaintenanceStore.purge_effects`."""
+        ...
+
+    async def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`MaintenanceStore.purge_journal`."""
         ...

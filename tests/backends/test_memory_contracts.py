@@ -18,9 +18,11 @@ from idempay.memory import (
 from idempay.testing import (
     AsyncIdempotencyStoreContract,
     AsyncLockProviderContract,
+    AsyncMaintenanceStoreContract,
     AsyncPaymentStoreContract,
     IdempotencyStoreContract,
     LockProviderContract,
+    MaintenanceStoreContract,
     PaymentStoreContract,
 )
 
@@ -58,6 +60,18 @@ class TestMemoryPaymentStore(PaymentStoreContract):
 
 
 class TestAsyncMemoryPaymentStore(AsyncPaymentStoreContract):
+    @pytest.fixture
+    def make_store(self) -> Callable[[Clock | None], AsyncMemoryPaymentStore]:
+        return lambda clock: AsyncMemoryPaymentStore(clock=clock)
+
+
+class TestMemoryMaintenanceStore(MaintenanceStoreContract):
+    @pytest.fixture
+    def make_store(self) -> Callable[[Clock | None], MemoryPaymentStore]:
+        return lambda clock: MemoryPaymentStore(clock=clock)
+
+
+class TestAsyncMemoryMaintenanceStore(AsyncMaintenanceStoreContract):
     @pytest.fixture
     def make_store(self) -> Callable[[Clock | None], AsyncMemoryPaymentStore]:
         return lambda clock: AsyncMemoryPaymentStore(clock=clock)

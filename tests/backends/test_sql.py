@@ -72,8 +72,10 @@ from idempay.protocols import (
 )
 from idempay.testing import (
     AsyncIdempotencyStoreContract,
+    AsyncMaintenanceStoreContract,
     AsyncPaymentStoreContract,
     IdempotencyStoreContract,
+    MaintenanceStoreContract,
     PaymentStoreContract,
 )
 from idempay.testing._support import concurrently
@@ -239,6 +241,44 @@ class TestAsyncSQLPaymentStore(AsyncPaymentStoreContract):
         return partial(SQLPaymentStore.from_url, db_url)
 
 
+@pytest.fixture
+def emptied(db_url: str) -> str:
+    """The module's database with every idempay row deleted: maintenance spans the whole store.
+    (Other tests use random ids and keep nothing across tests, so they lose nothing.)"""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+    finally:
+        engine.dispose()
+    return db_url
+
+
+class TestSQLMaintenanceStore(MaintenanceStoreContract):
+    @pytest.fixture
+    def make_store(
+        self, emptied: str, sync_stores: Callable[..., Any]
+    ) -> Callable[[Clock | None], SQLPaymentStore]:
+        return partial(sync_stores, SQLPaymentStore)
+
+    @pytest.fixture
+    def process_factory(self, db_url: str) -> Callable[[], SQLPaymentStore]:
+        return partial(SQLPaymentStore.from_url, db_url)
+
+
+class TestAsyncSQLMaintenanceStore(AsyncMaintenanceStoreContract):
+    @pytest.fixture
+    def make_store(
+        self, emptied: str, async_stores: Callable[..., Any]
+    ) -> Callable[[Clock | None], AsyncSQLPaymentStore]:
+        return partial(async_stores, AsyncSQLPaymentStore)
+
+    @pytest.fixture
+    def process_factory(self, db_url: str) -> Callable[[], SQLPaymentStore]:
+        return partial(SQLPaymentStore.from_url, db_url)
+
+
 def test_the_stores_satisfy_the_protocols(sync_stores: Callable[..., Any]) -> None:
     assert isinstance(sync_stores(SQLIdempotencyStore), IdempotencyStore)
     payments = sync_stores(SQLPaymentStore)
@@ -275,7 +315,7 @@ def test_the_migrated_schema_is_exactly_the_declared_one(db_url: str) -> None:
             assert "idempay_alembic_version" in inspector.get_table_names()
             assert (
                 conn.exec_driver_sql("SELECT version_num FROM idempay_alembic_version").scalar_one()
-                == "0002"
+                == "0003"
             )
         # Upgrading again is a no-op.
         upgrade(engine)
@@ -295,6 +335,28 @@ def test_a_database_at_the_first_revision_upgrades_to_the_journal(tmp_path: Path
             assert "idempay_journal" in sa.inspect(conn).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_orders_stored_before_the_checks_migration_are_due_for_a_check(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    upgrade(url, revision="0002")
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO idempay_orders (tenant, order_id, status, amount, currency,"
+                " amount_refunded, dispute, observed_at, failures, version, created_at,"
+                " updated_at) VALUES ('t', 'o1', 'processing', 100, 'eur', 0, 'none', 0, 0, 1,"
+                " 0, 0)"
+            )
+    finally:
+        engine.dispose()
+    upgrade(url)
+    with SQLPaymentStore.from_url(url) as store:
+        claimed = store.claim_orders_to_check(
+            statuses=[OrderStatus.PROCESSING], untouched_for=LEASE, limit=10, lease_for=LEASE
+        )
+    assert [(o.tenant, o.order_id) for o in claimed] == [("t", "o1")]
 
 
 @pytest.mark.anyio

@@ -87,6 +87,8 @@ class AuditStep(StrEnum):
     """A worker lost its lease and stopped; another owner finishes the work."""
     OUTCOME_UNKNOWN = "outcome_unknown"
     """A payment-provider call timed out or failed in transit; its outcome is unknown."""
+    CHECKED = "checked"
+    """The reconciler compared the order with Stripe and found nothing to change."""
 
 
 class AuditSource(StrEnum):

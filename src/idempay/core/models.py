@@ -24,6 +24,7 @@ __all__ = [
     "JournalEntry",
     "NewEffect",
     "OrderRecord",
+    "OutboxBacklog",
     "OutboxEntry",
     "OutboxStatus",
     "effect_dedup_key",
@@ -218,3 +219,14 @@ class JournalEntry:
     event_id: str | None = None
     key_digest: str | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """How the outbox stands, for monitoring: ``pending`` effects (``due`` of them now, the
+    oldest due since ``oldest_due_at``) and ``dead`` ones waiting for an operator."""
+
+    pending: int
+    due: int
+    dead: int
+    oldest_due_at: datetime | None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 from idempay._retry import RETRIABLE, retry_async  # unasync: remove
 
@@ -497,17 +497,9 @@ class AsyncGuard:
         if resumed:
             # A predecessor may have created it and died before recording it: find it by its
             # metadata rather than trust the provider's 24-hour idempotency window alone.
-            found = await gateway.find_payment_intents(
-                order_id=order.order_id, metadata_key=self.config.order_metadata_key
-            )
-            mine = [
-                pi
-                for pi in found
-                if pi.metadata.get(self.config.tenant_metadata_key, "") == order.tenant
-                and pi.status != "canceled"
-            ]
-            if mine:
-                return mine[0]
+            found = await self._find_intent(order)
+            if found is not None and found.status != "canceled":
+                return found
         metadata = {
             **spec.metadata,
             self.config.order_metadata_key: order.order_id,
@@ -521,6 +513,74 @@ class AsyncGuard:
             payment_method=spec.payment_method,
             capture_method=spec.capture_method,
         )
+
+    async def _find_intent(self, order: OrderRecord) -> PaymentIntentSnapshot | None:
+        """The order's PaymentIntent found at Stripe by its metadata, or None; should there be
+        several, the one furthest along (a success first, a canceled one last)."""
+        gateway = cast("AsyncStripeGateway", self.gateway)
+        found = await gateway.find_payment_intents(
+            order_id=order.order_id, metadata_key=self.config.order_metadata_key
+        )
+        mine = [
+            pi
+            for pi in found
+            if pi.metadata.get(self.config.tenant_metadata_key, "") == order.tenant
+        ]
+        if len(mine) > 1:
+            logger.warning("several PaymentIntents name one order; the furthest along is used")
+        return min(mine, key=_intent_preference, default=None)
+
+    # --- reconciliation -------------------------------------------------------------------
+
+    async def refresh_order(
+        self, order_id: str, *, tenant: str = "", source: AuditSource = AuditSource.RECONCILER
+    ) -> OrderRecord:
+        """Bring an order up to date with its PaymentIntent as Stripe has it now; return it.
+
+        The PaymentIntent is retrieved by its recorded id, or found by ``metadata.order_id``
+        when the id was never recorded (a checkout that died after calling Stripe, or whose
+        call had no clear answer). What Stripe says goes through the state machine like an
+        event (audited with ``source``), so a missed webhook is made up for and an older
+        answer never undoes a newer one; the events kept for the order before it had its
+        PaymentIntent are applied after. Nothing is ever created, confirmed or canceled at
+        Stripe: a bank debit still processing stays processing. An order without any
+        PaymentIntent at Stripe (its checkout never got that far) is returned unchanged. A
+        check that changes nothing is journaled (``checked``).
+
+        Raises:
+            OrderNotFoundError: no such order.
+            PaymentOutcomeUnknownError: Stripe did not answer clearly; call again later.
+            PaymentProviderError: Stripe refused (the PaymentIntent does not exist there).
+            ConfigurationError: the guard has no gateway.
+        """
+        if self.gateway is None:
+            raise ConfigurationError("refreshing an order needs the guard's gateway")
+        order = await self._order(tenant, order_id)
+        if order.state.payment_intent_id is not None:
+            intent = await self.gateway.retrieve_payment_intent(order.state.payment_intent_id)
+        else:
+            found = await self._find_intent(order)
+            if found is None:
+                await self._note(
+                    AuditStep.CHECKED,
+                    source,
+                    tenant=tenant,
+                    order_id=order_id,
+                    reason="no payment intent at stripe",
+                )
+                return order
+            intent = found
+        updated = await self._apply_intent(order, intent, source=source)
+        if updated.version == order.version:
+            await self._note(
+                AuditStep.CHECKED,
+                source,
+                tenant=tenant,
+                order_id=order_id,
+                reason=f"payment intent {intent.status}",
+            )
+        await self.apply_orphans(updated)
+        return updated
 
     async def _apply_intent(
         self,
@@ -1104,6 +1164,26 @@ class AsyncGuard:
         delay = min(self.config.effect_backoff_cap.total_seconds(), base)
         jittered = random.uniform(delay / 2, delay)  # noqa: S311 - spreading retries
         return self.clock.now() + timedelta(seconds=jittered)
+
+
+_INTENT_PREFERENCE: Final = (
+    "succeeded",
+    "processing",
+    "requires_capture",
+    "requires_action",
+    "requires_confirmation",
+    "requires_payment_method",
+)
+
+
+def _intent_preference(intent: PaymentIntentSnapshot) -> int:
+    """Rank a PaymentIntent by how far along it is (lower first); canceled ones last."""
+    status = intent.status
+    return (
+        _INTENT_PREFERENCE.index(status)
+        if status in _INTENT_PREFERENCE
+        else len(_INTENT_PREFERENCE)
+    )
 
 
 def _store_unavailable(error: StoreError) -> ServiceUnavailableError:

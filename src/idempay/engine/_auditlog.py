@@ -6,6 +6,10 @@ decision that changes nothing (a duplicate delivery, a replayed checkout, a requ
 key reused, a refused webhook) is recorded there and not in the database: an unauthenticated or
 repeated request must never cost a durable write. Fields never include a raw idempotency key
 (only its digest), a payload, a secret or personal data. idempay never configures logging.
+
+Every step also reaches the registered observers (:mod:`idempay.observability`) as a
+``(step, source)`` pair, whether or not the logger is enabled: metrics do not depend on the
+logging configuration.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from typing import Final
 
 from idempay.core.audit import AuditDraft, AuditSource, AuditStep
+from idempay.observability import notify_decision
 
 __all__ = ["AUDIT_LOGGER", "log_decision", "log_draft"]
 
@@ -40,7 +45,8 @@ def log_decision(
     key_digest: str | None = None,
     reason: str | None = None,
 ) -> None:
-    """Emit one audit record on the ``idempay.audit`` logger."""
+    """Emit one audit record on the ``idempay.audit`` logger, and count it for the observers."""
+    notify_decision(step, source)
     level = logging.WARNING if step in _WARNING_STEPS else logging.INFO
     if not AUDIT_LOGGER.isEnabledFor(level):
         return

@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import cast
+from typing import Final, cast
 
 from idempay.core.signature import DEFAULT_TOLERANCE
 from idempay.core.strictjson import DEFAULT_LIMITS, JSONLimits
 from idempay.errors import ConfigurationError
 
-__all__ = ["GuardConfig", "LockFailurePolicy"]
+__all__ = ["MIN_RETAIN", "GuardConfig", "LockFailurePolicy"]
+
+MIN_RETAIN: Final = timedelta(hours=24)
+"""The shortest retention of idempotency records: a client retrying within Stripe's 24-hour
+key window must find its first response."""
 
 
 class LockFailurePolicy(StrEnum):
@@ -40,7 +44,8 @@ class GuardConfig:
         in_flight_wait: how long a checkout that finds its key in flight waits for the first
             request to finish, then replays its response; zero (the default) answers 409 with
             ``Retry-After`` at once.
-        retain: how long completed idempotency records are kept (Stripe keeps keys 24 h).
+        retain: how long idempotency records are kept: at least 24 hours, as Stripe keeps
+            its keys (``idempay purge`` deletes them after).
         commit_attempts: how often a webhook's decision is retried after losing a race.
         lock_ttl: lifetime of the contention locks (never needed for correctness).
         lock_wait: how long a webhook waits for its PaymentIntent's contention lock before
@@ -92,8 +97,8 @@ class GuardConfig:
                 raise ConfigurationError(f"{name} must be positive")
         if self.lock_wait < timedelta(0) or self.in_flight_wait < timedelta(0):
             raise ConfigurationError("lock_wait and in_flight_wait cannot be negative")
-        if self.retain < self.lease:
-            raise ConfigurationError("retain must be at least as long as lease")
+        if self.retain < max(self.lease, MIN_RETAIN):
+            raise ConfigurationError("retain must be at least 24 hours and at least the lease")
         if self.commit_attempts < 1 or self.effect_max_attempts < 1:
             raise ConfigurationError("attempt counts must be at least 1")
         if not 1 <= self.journal_batch <= self.journal_capacity:

@@ -15,8 +15,9 @@ what they mean for the money:
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from idempay._lazy import require
@@ -42,6 +43,11 @@ _UNKNOWN = (
 def _snapshot(obj: Any) -> PaymentIntentSnapshot:
     data = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
     return read_payment_intent(data)
+
+
+def _raw(obj: Any) -> bytes:
+    # An event fetched from the API has no signed body: its JSON is rebuilt from the object.
+    return json.dumps(obj.to_dict(), separators=(",", ":"), default=str).encode()
 
 
 def _translate(error: Exception) -> Exception:
@@ -222,3 +228,46 @@ class StripeGateway:
                 break
             params["starting_after"] = page.data[-1].id
         return matches
+
+    def retrieve_event(self, event_id: str) -> bytes:
+        """The event as Stripe's API has it now, as JSON (see :func:`idempay.parse_event`).
+
+        Raises:
+            PaymentProviderError: no such event (Stripe keeps events for 30 days).
+        """
+        try:
+            event = self.client.v1.events.retrieve(event_id)
+        except stripe.StripeError as error:
+            raise _translate(error) from error
+        return _raw(event)
+
+    def list_undelivered_events(
+        self,
+        *,
+        types: Sequence[str],
+        created_after: int | None = None,
+        max_pages: int = 10,
+    ) -> list[bytes]:
+        """Events of ``types`` that some webhook endpoint has not acknowledged yet
+        (``delivery_success=false``: still being retried, or given up on), newest first,
+        as JSON; at most ``max_pages`` pages of 100.
+
+        ``created_after`` (unix seconds) bounds how far back to look. Stripe lists events of
+        the last 30 days and accepts up to 20 ``types``.
+        """
+        params: dict[str, Any] = {"delivery_success": False, "limit": 100}
+        if types:
+            params["types"] = list(types)
+        if created_after is not None:
+            params["created"] = {"gt": created_after}
+        found: list[bytes] = []
+        for _page in range(max_pages):
+            try:
+                page = self.client.v1.events.list(params=params)  # type: ignore[arg-type]
+            except stripe.StripeError as error:
+                raise _translate(error) from error
+            found.extend(_raw(event) for event in page.data)
+            if not page.has_more or not page.data:
+                break
+            params["starting_after"] = page.data[-1].id
+        return found

@@ -29,30 +29,36 @@ if TYPE_CHECKING:
     from idempay.testing._async import (
         AsyncIdempotencyStoreContract,
         AsyncLockProviderContract,
+        AsyncMaintenanceStoreContract,
         AsyncPaymentStoreContract,
     )
     from idempay.testing._sync import (
         IdempotencyStoreContract,
         LockProviderContract,
+        MaintenanceStoreContract,
         PaymentStoreContract,
     )
 
 __all__ = [
     "AsyncIdempotencyStoreContract",
     "AsyncLockProviderContract",
+    "AsyncMaintenanceStoreContract",
     "AsyncPaymentStoreContract",
     "FrozenClock",
     "IdempotencyStoreContract",
     "LockProviderContract",
+    "MaintenanceStoreContract",
     "PaymentStoreContract",
 ]
 
 _SUITES = {
     "AsyncIdempotencyStoreContract": "idempay.testing._async",
     "AsyncLockProviderContract": "idempay.testing._async",
+    "AsyncMaintenanceStoreContract": "idempay.testing._async",
     "AsyncPaymentStoreContract": "idempay.testing._async",
     "IdempotencyStoreContract": "idempay.testing._sync",
     "LockProviderContract": "idempay.testing._sync",
+    "MaintenanceStoreContract": "idempay.testing._sync",
     "PaymentStoreContract": "idempay.testing._sync",
 }
 

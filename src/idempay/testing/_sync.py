@@ -15,10 +15,11 @@ may share one database between tests.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Callable
+from collections.abc import Iterator, Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from multiprocessing.synchronize import Barrier as ProcessBarrier
+from typing import Any, Protocol
 
 import pytest
 
@@ -32,6 +33,9 @@ from idempay.core.models import (
     InboxStatus,
     JournalEntry,
     NewEffect,
+    OrderRecord,
+    OutboxBacklog,
+    OutboxEntry,
     OutboxStatus,
 )
 from idempay.core.orders import DisputeStatus, OrderState, OrderStatus, ReviewReason
@@ -46,6 +50,7 @@ from idempay.protocols import (
     IdempotencyStore,
     JournalStore,
     LockProvider,
+    MaintenanceStore,
     OutboxStore,
     PaymentStore,
     PaymentTransaction,
@@ -64,6 +69,7 @@ from idempay.testing._support import (
 __all__ = [
     "IdempotencyStoreContract",
     "LockProviderContract",
+    "MaintenanceStoreContract",
     "PaymentStoreContract",
 ]
 
@@ -1082,3 +1088,409 @@ class PaymentStoreContract(_AsyncFixtures):
         assert list(store.journal_for(tenant, "o2")) == [batch[1]]
         assert list(store.journal_for(tenant, "o1", limit=1)) == [batch[0]]
         assert list(store.journal_for(_uid(), "o1")) == []
+
+
+# --- maintenance: the reconciler, purges and monitoring ---------------------------------------
+
+WAITING = OrderStatus.AWAITING_PAYMENT
+MINUTE = timedelta(minutes=1)
+DAY = timedelta(days=1)
+
+
+class MaintainedStore(PaymentStore, OutboxStore, MaintenanceStore, Protocol):
+    """A payment store with its outbox and its maintenance: what the maintenance suite uses."""
+
+
+def _orders(
+    store: PaymentStore, tenant: str, **statuses: OrderStatus
+) -> dict[str, OrderRecord]:
+    """Insert one order per keyword (its id) in the given status, in one transaction."""
+    with store.transaction() as tx:
+        made = {}
+        for order_id, status in statuses.items():
+            made[order_id], _ = tx.insert_order(tenant, order_id, _state(status))
+        return made
+
+
+def _events(store: PaymentStore, tag: str, **statuses: InboxStatus) -> list[InboxEvent]:
+    """Insert one inbox event per keyword (``evt_<keyword>_<tag>``), received now."""
+    with store.transaction() as tx:
+        made = []
+        for name, status in statuses.items():
+            event, _ = tx.insert_event(_event(f"evt_{name}_{tag}", tx.now(), status=status))
+            made.append(event)
+        return made
+
+
+def _enqueue(store: PaymentStore, tenant: str, *order_ids: str) -> None:
+    with store.transaction() as tx:
+        for order_id in order_ids:
+            tx.enqueue_effect(NewEffect(tenant, order_id, "receipt", "paid"))
+
+
+def _claim_all(store: OutboxStore) -> dict[str, OutboxEntry]:
+    """Lease every due effect (the store holds the test's only), by order id."""
+    return {e.order_id: e for e in store.claim_due_effects(limit=1000, lease_for=LEASE)}
+
+
+def _order_ids(records: Sequence[OrderRecord]) -> list[str]:
+    return [record.order_id for record in records]
+
+
+def claim_checks_in_child(
+    barrier: ProcessBarrier,
+    results: Any,
+    _i: int,
+    factory: Callable[[], Any],
+    limit: int,
+) -> None:
+    """Child: claim orders awaiting payment together with the others; report the (tenant,
+    order id) pairs it was handed."""
+    store = factory()
+    try:
+        barrier.wait(timeout=120)
+        claimed = store.claim_orders_to_check(
+            statuses=[WAITING], untouched_for=timedelta(0), limit=limit, lease_for=LEASE
+        )
+        results.put([(o.tenant, o.order_id) for o in claimed])
+    except Exception as exc:  # noqa: BLE001 - the parent reports it
+        results.put(f"error: {type(exc).__name__}: {exc}")
+    finally:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+
+
+class MaintenanceStoreContract(_AsyncFixtures):
+    """What every maintenance store must do; see :class:`idempay.protocols.MaintenanceStore`.
+
+    Maintenance spans the whole store, so ``make_store(clock)`` must return a store that holds
+    no orders, inbox events, outbox effects or journal entries when the test begins (a fresh
+    database, or idempay's tables emptied before each test). The store is also a payment store
+    and an outbox store: the suite writes its rows through them (and through the journal, when
+    the store keeps one). ``process_factory``, as for the payment store's suite, gives a sync
+    store on the same data.
+    """
+
+    @pytest.fixture
+    def store(
+        self, make_store: Callable[[Clock | None], Any], clock: FrozenClock
+    ) -> Iterator[MaintainedStore]:
+        store: MaintainedStore = make_store(clock)
+        yield store
+        shut(store)
+
+    def _claim(
+        self,
+        store: MaintainedStore,
+        *statuses: OrderStatus,
+        untouched_for: timedelta = timedelta(0),
+        limit: int = 100,
+    ) -> list[str]:
+        claimed = store.claim_orders_to_check(
+            statuses=statuses or (WAITING,),
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=MINUTE,
+        )
+        return _order_ids(claimed)
+
+    def _claim_events(
+        self,
+        store: MaintainedStore,
+        *,
+        untouched_for: timedelta = timedelta(0),
+        limit: int = 100,
+    ) -> list[InboxEvent]:
+        return list(
+            store.claim_events_to_check(
+                statuses=(InboxStatus.RECEIVED, InboxStatus.FAILED),
+                untouched_for=untouched_for,
+                limit=limit,
+                lease_for=MINUTE,
+            )
+        )
+
+    def test_the_store_is_a_maintenance_store(self, store: MaintainedStore) -> None:
+        assert isinstance(store, MaintenanceStore)
+
+    def test_order_claims_take_the_statuses_asked_once_untouched_long_enough(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        made = _orders(store, tenant, a=WAITING, paid=OrderStatus.PAID)
+        clock.advance(timedelta(seconds=1))
+        made |= _orders(store, tenant, b=OrderStatus.PROCESSING)
+        clock.advance(10 * MINUTE)
+        made |= _orders(store, tenant, young=WAITING)
+        asked = (WAITING, OrderStatus.PROCESSING)
+        claimed = store.claim_orders_to_check(
+            statuses=asked, untouched_for=5 * MINUTE, limit=10, lease_for=MINUTE
+        )
+        # Both never checked: the oldest change first. The records are the orders as stored.
+        assert list(claimed) == [made["a"], made["b"]]
+        # Leased now; the young order is too recent for five minutes, and fine for zero.
+        assert self._claim(store, *asked, untouched_for=5 * MINUTE) == []
+        assert self._claim(store, *asked) == ["young"]
+        assert self._claim(store, OrderStatus.PAID) == ["paid"]
+        assert self._claim(store, *asked) == []
+        assert (
+            list(
+                store.claim_orders_to_check(
+                    statuses=[], untouched_for=timedelta(0), limit=10, lease_for=MINUTE
+                )
+            )
+            == []
+        )
+
+    def test_a_claimed_order_waits_for_its_lease_or_its_scheduled_check(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        _orders(store, tenant, a=WAITING, b=WAITING)
+        assert sorted(self._claim(store)) == ["a", "b"]
+        assert self._claim(store) == []
+        store.schedule_order_check(tenant, "a", after=timedelta(0))
+        assert self._claim(store) == ["a"]
+        store.schedule_order_check(tenant, "b", after=timedelta(hours=2))
+        clock.advance(MINUTE)
+        assert self._claim(store) == ["a"]
+        clock.advance(timedelta(hours=2))
+        _orders(store, tenant, c=WAITING)
+        # Never checked first, then the longest unchecked (a was due a minute after its
+        # last claim, b two hours after the first).
+        assert self._claim(store) == ["c", "a", "b"]
+
+    def test_event_claims_take_the_statuses_asked_once_untouched_long_enough(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tag = _uid()
+        first, done = _events(
+            store, tag, first=InboxStatus.RECEIVED, done=InboxStatus.PROCESSED
+        )
+        clock.advance(timedelta(seconds=1))
+        (failed,) = _events(store, tag, failed=InboxStatus.FAILED)
+        clock.advance(10 * MINUTE)
+        (young,) = _events(store, tag, young=InboxStatus.RECEIVED)
+        # The events as stored, oldest first.
+        assert self._claim_events(store, untouched_for=5 * MINUTE) == [first, failed]
+        assert self._claim_events(store, untouched_for=5 * MINUTE) == []
+        assert self._claim_events(store) == [young]
+        store.schedule_event_check("", first.event_id, after=timedelta(0))
+        assert self._claim_events(store, untouched_for=5 * MINUTE) == [first]
+        clock.advance(MINUTE)
+        # Every lease ran out at the same time: the oldest received first.
+        assert self._claim_events(store) == [first, failed, young]
+        with store.transaction() as tx:
+            assert tx.get_event("", done.event_id) == done
+
+    def test_claims_hand_out_at_most_limit_rows_and_the_rest_next(
+        self, store: MaintainedStore
+    ) -> None:
+        tenant = _uid()
+        _orders(store, tenant, **{f"o{i}": WAITING for i in range(5)})
+        _events(store, tenant, e=InboxStatus.RECEIVED)
+        assert self._claim(store, limit=0) == []
+        assert self._claim_events(store, limit=0) == []
+        batches = [self._claim(store, limit=2) for _ in range(4)]
+        assert [len(batch) for batch in batches] == [2, 2, 1, 0]
+        assert sorted(flatten(batches)) == [f"o{i}" for i in range(5)]
+        assert len(self._claim_events(store, limit=5)) == 1
+
+    def test_concurrent_claims_never_share_a_row(self, store: MaintainedStore) -> None:
+        tenant = _uid()
+        _orders(store, tenant, **{f"o{i}": WAITING for i in range(40)})
+
+        def claim(_: int) -> list[str]:
+            return self._claim(store, limit=10)
+
+        handed_out = flatten(concurrently(8, claim))
+        assert len(handed_out) == len(set(handed_out))
+        # A claim may skip rows another one had locked, never wait for them: take what is
+        # left until nothing is.
+        while batch := claim(0):
+            handed_out += batch
+        assert sorted(handed_out) == sorted(f"o{i}" for i in range(40))
+
+    def test_claims_from_several_processes_never_share_a_row(
+        self,
+        make_store: Callable[[Clock | None], Any],
+        process_factory: Callable[[], Any] | None,
+    ) -> None:
+        if process_factory is None:
+            pytest.skip("this backend shares no state between processes")
+        # The store's own clock, as the children's: the orders are old enough for them.
+        store: MaintainedStore = make_store(None)
+        try:
+            tenant = _uid()
+            _orders(store, tenant, **{f"o{i}": WAITING for i in range(20)})
+        finally:
+            shut(store)
+        batches = in_processes(claim_checks_in_child, 4, process_factory, 1000)
+        mine = [order for t, order in flatten(batches) if t == tenant]
+        assert sorted(mine) == sorted(f"o{i}" for i in range(20))
+
+    def test_order_counts_follow_the_orders(self, store: MaintainedStore) -> None:
+        def nonzero(counts: Any) -> dict[OrderStatus, int]:
+            return {status: n for status, n in counts.items() if n}
+
+        assert nonzero(store.order_counts()) == {}
+        tenant = _uid()
+        made = _orders(store, tenant, a=WAITING, b=WAITING, c=OrderStatus.PAID)
+        assert nonzero(store.order_counts()) == {WAITING: 2, OrderStatus.PAID: 1}
+        with store.transaction() as tx:
+            tx.update_order(made["a"], _state(OrderStatus.PAID))
+        assert nonzero(store.order_counts()) == {WAITING: 1, OrderStatus.PAID: 2}
+
+    def test_the_outbox_backlog_counts_pending_due_and_dead(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        assert store.outbox_backlog() == OutboxBacklog(0, 0, 0, None)
+        tenant, enqueued = _uid(), clock.now()
+        _enqueue(store, tenant, "later", "dead", "due", "done")
+        clock.advance(MINUTE)
+        assert store.outbox_backlog() == OutboxBacklog(4, 4, 0, enqueued)
+        leased = _claim_all(store)
+        store.fail_effect(leased["later"], error="503", retry_at=clock.now() + DAY)
+        store.fail_effect(leased["dead"], error="400", retry_at=None)
+        retry = enqueued + timedelta(seconds=30)
+        store.fail_effect(leased["due"], error="timeout", retry_at=retry)
+        store.finish_effect(leased["done"])
+        assert store.outbox_backlog() == OutboxBacklog(
+            pending=2, due=1, dead=1, oldest_due_at=retry
+        )
+
+    def test_requeued_dead_effects_start_a_new_round(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        dead = ["d0", "d1", "d2"]
+        _enqueue(store, tenant, *dead, "waiting")
+        leased = _claim_all(store)
+        for order_id in dead:
+            store.fail_effect(leased[order_id], error="boom", retry_at=None)
+        store.fail_effect(leased["waiting"], error="503", retry_at=clock.now() + DAY)
+        clock.advance(MINUTE)
+        assert store.requeue_dead_effects(limit=0) == 0
+        assert [store.requeue_dead_effects(limit=2) for _ in range(3)] == [2, 1, 0]
+        for order_id in dead:
+            (entry,) = store.effects_for(tenant, order_id)
+            assert entry.dedup_key == leased[order_id].dedup_key
+            assert (entry.status, entry.attempts, entry.next_attempt_at) == (
+                OutboxStatus.PENDING,
+                0,
+                clock.now(),
+            )
+            assert (entry.last_error, entry.lease) == ("boom", None)
+        again = _claim_all(store)
+        assert sorted(again) == dead  # the waiting one is not due
+        assert {e.attempts for e in again.values()} == {1}
+        assert (store.outbox_backlog()).dead == 0
+
+    def test_purge_events_keeps_recent_and_unsettled_events(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tag = _uid()
+        old = _events(
+            store,
+            tag,
+            processed=InboxStatus.PROCESSED,
+            ignored=InboxStatus.IGNORED,
+            orphan=InboxStatus.ORPHAN,
+            received=InboxStatus.RECEIVED,
+            failed=InboxStatus.FAILED,
+        )
+        clock.advance(2 * DAY)
+        (recent,) = _events(store, tag, recent=InboxStatus.PROCESSED)
+        assert store.purge_events(older_than=DAY, limit=0) == 0
+        counts = [store.purge_events(older_than=DAY, limit=2) for _ in range(3)]
+        assert counts == [2, 1, 0]
+        with store.transaction() as tx:
+            kept = [e.event_id for e in (*old, recent) if tx.get_event("", e.event_id)]
+        assert kept == [old[3].event_id, old[4].event_id, recent.event_id]
+        # A zero window purges up to now; received and failed events stay whatever their age.
+        assert store.purge_events(older_than=timedelta(0), limit=10) == 1
+        with store.transaction() as tx:
+            assert tx.get_event("", old[3].event_id) == old[3]
+            assert tx.get_event("", old[4].event_id) == old[4]
+
+    def test_purge_effects_keeps_recent_and_undelivered_effects(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        tenant = _uid()
+        done = ["done0", "done1", "done2"]
+        _enqueue(store, tenant, *done, "pending", "dead")
+        leased = _claim_all(store)
+        for order_id in done:
+            store.finish_effect(leased[order_id])
+        store.fail_effect(leased["pending"], error="503", retry_at=clock.now() + 9 * DAY)
+        store.fail_effect(leased["dead"], error="400", retry_at=None)
+        clock.advance(2 * DAY)
+        _enqueue(store, tenant, "recent")
+        store.finish_effect((_claim_all(store))["recent"])
+        assert store.purge_effects(older_than=DAY, limit=0) == 0
+        counts = [store.purge_effects(older_than=DAY, limit=2) for _ in range(3)]
+        assert counts == [2, 1, 0]
+        left = {
+            order_id: [e.status for e in store.effects_for(tenant, order_id)]
+            for order_id in (*done, "pending", "dead", "recent")
+        }
+        assert left == {
+            "done0": [],
+            "done1": [],
+            "done2": [],
+            "pending": [OutboxStatus.PENDING],
+            "dead": [OutboxStatus.DEAD],
+            "recent": [OutboxStatus.DONE],
+        }
+
+    def test_purge_journal_keeps_recent_entries(
+        self, store: MaintainedStore, clock: FrozenClock
+    ) -> None:
+        if not isinstance(store, JournalStore):
+            pytest.skip("this payment store keeps no journal (it is optional)")
+        tenant = _uid()
+
+        def entry(order_id: str | None, n: int) -> JournalEntry:
+            return JournalEntry(
+                tenant,
+                order_id,
+                AuditStep.DUPLICATE,
+                AuditSource.WEBHOOK,
+                clock.now(),
+                event_id=f"evt_{n}",
+            )
+
+        store.append_journal([entry("o1", 0), entry("o1", 1), entry(None, 2)])
+        clock.advance(2 * DAY)
+        recent = entry("o1", 3)
+        store.append_journal([recent])
+        assert store.purge_journal(older_than=DAY, limit=0) == 0
+        counts = [store.purge_journal(older_than=DAY, limit=2) for _ in range(3)]
+        assert counts == [2, 1, 0]
+        assert list(store.journal_for(tenant, "o1")) == [recent]
+
+    def test_durations_are_checked(self, store: MaintainedStore) -> None:
+        negative = timedelta(seconds=-1)
+        with pytest.raises(ConfigurationError):
+            store.claim_orders_to_check(
+                statuses=[WAITING], untouched_for=negative, limit=1, lease_for=MINUTE
+            )
+        with pytest.raises(ConfigurationError):
+            store.claim_orders_to_check(
+                statuses=[WAITING], untouched_for=MINUTE, limit=1, lease_for=timedelta(0)
+            )
+        with pytest.raises(ConfigurationError):
+            store.claim_events_to_check(
+                statuses=[InboxStatus.FAILED], untouched_for=negative, limit=1, lease_for=MINUTE
+            )
+        with pytest.raises(ConfigurationError):
+            store.schedule_order_check(_uid(), "o1", after=negative)
+        with pytest.raises(ConfigurationError):
+            store.schedule_event_check("", _uid(), after=negative)
+        with pytest.raises(ConfigurationError):
+            store.purge_events(older_than=negative, limit=1)
+        with pytest.raises(ConfigurationError):
+            store.purge_effects(older_than=negative, limit=1)
+        with pytest.raises(ConfigurationError):
+            store.purge_journal(older_than=negative, limit=1)

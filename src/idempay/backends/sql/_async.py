@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -57,6 +57,7 @@ from idempay.backends.sql._statements import (
     event_values,
     journal_from_row,
     journal_values,
+    maintenance_statements,
     order_from_row,
     outbox_statements,
     payment_statements,
@@ -87,9 +88,10 @@ from idempay.core.models import (
     JournalEntry,
     NewEffect,
     OrderRecord,
+    OutboxBacklog,
     OutboxEntry,
 )
-from idempay.core.orders import OrderState
+from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import (
     Claimed,
     ClaimResult,
@@ -704,7 +706,9 @@ class AsyncSQLTransaction:
 
 class AsyncSQLPaymentStore(AsyncSQLStoreBase):
     """Orders, inbox, audit trail and outbox in SQL; see
-    :class:`idempay.protocols.AsyncPaymentStore` and :class:`~idempay.protocols.AsyncOutboxStore`.
+    :class:`idempay.protocols.AsyncPaymentStore`, :class:`~idempay.protocols.AsyncOutboxStore`,
+    :class:`~idempay.protocols.AsyncJournalStore` and
+    :class:`~idempay.protocols.AsyncMaintenanceStore`.
 
     Order updates are compare-and-set on ``version`` (rowcount checked), unique keys decide
     every race, and outbox dispatchers lease entries with ``FOR UPDATE SKIP LOCKED``
@@ -723,6 +727,7 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
         super().__init__(engine, clock=clock)
         self._s = payment_statements(self._kind)
         self._o = outbox_statements(self._kind, bound=self._bound)
+        self._m = maintenance_statements(self._kind, bound=self._bound)
 
     @asynccontextmanager
     async def transaction(
@@ -1025,8 +1030,172 @@ class AsyncSQLPaymentStore(AsyncSQLStoreBase):
 
         return await self._run("journal_for", op, single=True)
 
+    # --- maintenance: the reconciler, purges and monitoring -----------------------------------
+
+    async def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.claim_orders_to_check`.
+
+        One transaction: a select that locks the due orders, skipping those another claim has
+        locked (``FOR UPDATE SKIP LOCKED``; SQLite's single writer), then their next check.
+        """
+        rows = await self._claim_checks(
+            "claim_orders_to_check",
+            self._m.orders_to_check,
+            self._m.check_order,
+            ("tenant", "order_id"),
+            [status.value for status in statuses],
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+        return [order_from_row(row) for row in rows]
+
+    async def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.claim_events_to_check`; one
+        transaction, as :meth:`claim_orders_to_check`."""
+        rows = await self._claim_checks(
+            "claim_events_to_check",
+            self._m.events_to_check,
+            self._m.check_event,
+            ("account", "event_id"),
+            [status.value for status in statuses],
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+        return [event_from_row(row) for row in rows]
+
+    async def _claim_checks(
+        self,
+        what: str,
+        due: sa.Select[Any],
+        stamp: sa.Update,
+        key: tuple[str, str],
+        statuses: list[str],
+        *,
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[sa.RowMapping]:
+        positive(lease_for, "lease_for")
+        _not_negative(untouched_for, "untouched_for")
+        if limit <= 0 or not statuses:
+            return []
+        params: dict[str, Any] = {
+            "p_statuses": statuses,
+            "p_untouched_us": span(untouched_for),
+            "p_limit": limit,
+        }
+        lease_us = span(lease_for)
+
+        async def op(conn: AsyncConnection) -> Sequence[sa.RowMapping]:
+            now = self._now()
+            result = await conn.execute(due, params | now)
+            rows: Sequence[sa.RowMapping] = result.mappings().all()
+            if rows:
+                leases = [
+                    {f"p_{name}": row[name] for name in key} | {"p_after_us": lease_us} | now
+                    for row in rows
+                ]
+                await conn.execute(stamp, leases)
+            return rows
+
+        return await self._run(what, op)
+
+    async def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.schedule_order_check`."""
+        _not_negative(after, "after")
+        params = {"p_tenant": tenant, "p_order_id": order_id, "p_after_us": span(after)}
+        await self._execute_one("schedule_order_check", self._m.check_order, params)
+
+    async def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.schedule_event_check`."""
+        _not_negative(after, "after")
+        params = {"p_account": account, "p_event_id": event_id, "p_after_us": span(after)}
+        await self._execute_one("schedule_event_check", self._m.check_event, params)
+
+    async def order_counts(self) -> Mapping[OrderStatus, int]:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.order_counts`."""
+
+        async def op(conn: AsyncConnection) -> dict[OrderStatus, int]:
+            rows = (await conn.execute(self._m.order_counts)).all()
+            return {OrderStatus(status): int(n) for status, n in rows}
+
+        return await self._run("order_counts", op, single=True)
+
+    async def outbox_backlog(self) -> OutboxBacklog:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.outbox_backlog`: one read."""
+
+        async def op(conn: AsyncConnection) -> OutboxBacklog:
+            row = (await conn.execute(self._m.backlog, self._now())).mappings().one()
+            oldest = row["oldest_due_at"]
+            # int(): MySQL sums into DECIMAL.
+            return OutboxBacklog(
+                pending=int(row["pending"]),
+                due=int(row["due"]),
+                dead=int(row["dead"]),
+                oldest_due_at=from_micros(int(oldest)) if oldest is not None else None,
+            )
+
+        return await self._run("outbox_backlog", op, single=True)
+
+    async def requeue_dead_effects(self, *, limit: int) -> int:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.requeue_dead_effects`: one
+        statement, oldest first. Each entry keeps its fence, which grows at its next lease."""
+        if limit <= 0:
+            return 0
+        return await self._execute_one("requeue_dead_effects", self._m.requeue, {"p_limit": limit})
+
+    async def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.purge_events`: one statement."""
+        return await self._purge("purge_events", self._m.purge_events, older_than, limit)
+
+    async def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.purge_effects`: one statement."""
+        return await self._purge("purge_effects", self._m.purge_effects, older_than, limit)
+
+    async def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.AsyncMaintenanceStore.purge_journal`: one statement,
+        oldest first."""
+        return await self._purge("purge_journal", self._m.purge_journal, older_than, limit)
+
+    async def _purge(self, what: str, stmt: sa.Delete, older_than: timedelta, limit: int) -> int:
+        _not_negative(older_than, "older_than")
+        if limit <= 0:
+            return 0
+        params = {"p_older_us": span(older_than), "p_limit": limit}
+        return await self._execute_one(what, stmt, params)
+
+    async def _execute_one(self, what: str, stmt: sa.Executable, params: dict[str, Any]) -> int:
+        """Run one statement that completes by itself; return how many rows it changed."""
+
+        async def op(conn: AsyncConnection) -> int:
+            return int((await conn.execute(stmt, params | self._now())).rowcount)
+
+        return await self._run(what, op, single=True)
+
 
 _NOT_DURABLE: Final = sa.text("SET LOCAL synchronous_commit TO OFF")
+
+
+def _not_negative(value: timedelta, name: str) -> None:
+    """Refuse a negative duration (zero is allowed: "at once", "everything")."""
+    if value < timedelta(0):
+        raise ConfigurationError(f"{name} must not be negative")
 
 
 def _effect_key(entry: OutboxEntry) -> dict[str, Any]:

@@ -119,6 +119,8 @@ orders: Final = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("created_at", _TIME, nullable=False),
     sa.Column("updated_at", _TIME, nullable=False),
+    # The reconciler's next check (None: never checked); see ``MaintenanceStore``.
+    sa.Column("check_at", _TIME),
     sa.PrimaryKeyConstraint("tenant", "order_id"),
     sa.UniqueConstraint("payment_intent_id"),
     sa.Index(None, "status", "updated_at"),
@@ -126,7 +128,8 @@ orders: Final = sa.Table(
     _one_of("dispute", DisputeStatus),
     mysql_engine="InnoDB",
 )
-"""Orders: the state machine's state, and ``version`` for compare-and-set updates."""
+"""Orders: the state machine's state, ``version`` for compare-and-set updates, and when the
+reconciler checks the order next."""
 
 inbox: Final = sa.Table(
     "idempay_inbox",
@@ -144,6 +147,7 @@ inbox: Final = sa.Table(
     sa.Column("received_at", _TIME, nullable=False),
     sa.Column("processed_at", _TIME),
     sa.Column("error", _text()),
+    sa.Column("check_at", _TIME),
     sa.PrimaryKeyConstraint("account", "event_id"),
     sa.Index(None, "payment_intent_id"),
     sa.Index(None, "order_id"),
@@ -151,7 +155,8 @@ inbox: Final = sa.Table(
     _one_of("status", InboxStatus),
     mysql_engine="InnoDB",
 )
-"""Webhook events by (account, event_id), with the raw payload exactly as signed."""
+"""Webhook events by (account, event_id), with the raw payload exactly as signed, and when the
+reconciler checks the event next."""
 
 audit: Final = sa.Table(
     "idempay_audit",

@@ -48,6 +48,7 @@ __all__ = [
     "DATABASE_NOW_SQL",
     "JOURNAL_INSERT",
     "JOURNAL_SELECT",
+    "MaintenanceStatements",
     "OutboxStatements",
     "PaymentStatements",
     "RecordStatements",
@@ -62,6 +63,7 @@ __all__ = [
     "event_values",
     "journal_from_row",
     "journal_values",
+    "maintenance_statements",
     "order_from_row",
     "order_values",
     "outbox_statements",
@@ -122,11 +124,14 @@ def _greater(a: sa.ColumnElement[int], b: sa.ColumnElement[int]) -> sa.ColumnEle
     return sa.case((a >= b, a), else_=b)
 
 
-def _columns(table: sa.Table, kind: Kind, blobs: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A placeholder ``p_<column>`` for every column of ``table``."""
+def _columns(
+    table: sa.Table, kind: Kind, blobs: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """A placeholder ``p_<column>`` for every column of ``table`` but those in ``skip``."""
     return {
         c.name: _blob(kind, c.name) if c.name in blobs else _p(c.name, c.type)
         for c in table.columns
+        if c.name not in skip
     }
 
 
@@ -506,7 +511,10 @@ def payment_statements(kind: Kind) -> PaymentStatements:
             orders.c.version == sa.bindparam("k_version", type_=sa.BigInteger),
         )
         .values(**state, version=orders.c.version + 1, updated_at=now),
-        insert_event=_insert_new(kind, inbox, _columns(inbox, kind, blobs=("payload",))),
+        # A new event has never been checked: its check_at stays NULL.
+        insert_event=_insert_new(
+            kind, inbox, _columns(inbox, kind, blobs=("payload",), skip=("check_at",))
+        ),
         get_event=get_event,
         get_event_locked=_locked(kind, get_event),
         set_status=set_status,
@@ -602,6 +610,144 @@ def outbox_statements(kind: Kind, *, bound: bool) -> OutboxStatements:
         effects_for=sa.select(*t.c)
         .where(t.c.tenant == _p("tenant"), t.c.order_id == _p("order_id"))
         .order_by(t.c.created_at, t.c.effect, t.c.discriminator),
+    )
+
+
+# --- maintenance: the reconciler, purges and monitoring -------------------------------------
+
+_DONE: Final = OutboxStatus.DONE.value
+_DEAD: Final = OutboxStatus.DEAD.value
+_PURGEABLE_EVENTS: Final = tuple(
+    s.value for s in (InboxStatus.PROCESSED, InboxStatus.IGNORED, InboxStatus.ORPHAN)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceStatements:
+    """The statements of :class:`~idempay.protocols.MaintenanceStore` for one database family.
+
+    ``orders_to_check`` and ``events_to_check`` select and lock (skipping locked rows) up to
+    ``p_limit`` rows due for a check, given ``p_statuses`` (expanding) and ``p_untouched_us``;
+    ``check_order`` and ``check_event`` set one row's next check to ``now + p_after_us`` (the
+    claims run them with one parameter set per row, in the same transaction). ``requeue`` and
+    the purges change or delete up to ``p_limit`` rows (``p_older_us``: the purges' window).
+    """
+
+    orders_to_check: sa.Select[Any]
+    check_order: sa.Update
+    events_to_check: sa.Select[Any]
+    check_event: sa.Update
+    order_counts: sa.Select[Any]
+    backlog: sa.Select[Any]
+    requeue: sa.Update
+    purge_events: sa.Delete
+    purge_effects: sa.Delete
+    purge_journal: sa.Delete
+
+
+def _to_check(
+    table: sa.Table, changed: sa.ColumnElement[int], now: sa.ColumnElement[int]
+) -> sa.Select[Any]:
+    """Rows of ``table`` in one of the statuses, unchanged (``changed``) for long enough, whose
+    next check has come: never-checked ones first, then by next check, then by change.
+
+    SQLite ignores FOR UPDATE: its transactions take the write lock when they begin, so the
+    select and the update that stamps the rows run alone. MySQL sorts the candidates (no
+    index has this order), locking each one it reads: a concurrent claim may then find fewer
+    rows than there are, never one already handed out, and never waits.
+    """
+    check_at = table.c.check_at
+    return (
+        sa.select(*table.c)
+        .where(
+            table.c.status.in_(sa.bindparam("p_statuses", expanding=True)),
+            changed <= now - _int("untouched_us"),
+            sa.or_(check_at.is_(None), check_at <= now),
+        )
+        # False sorts first: the never-checked rows.
+        .order_by(check_at.is_not(None), check_at, changed, *table.primary_key.columns)
+        .limit(_p("limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _bounded(
+    kind: Kind, table: sa.Table, condition: sa.ColumnElement[bool], *order: Any
+) -> sa.ColumnElement[bool]:
+    """``condition``, on at most ``p_limit`` rows (the first in ``order``): the WHERE clause of
+    a bounded UPDATE or DELETE.
+
+    The LIMIT sits in a derived table, as in ``purge_expired``: MySQL refuses it in an IN
+    subquery, and refuses a subquery on the table being changed unless it is materialised.
+    The condition is repeated outside, so that a row changed since the batch was read is left
+    alone (MySQL reads it without a lock). On PostgreSQL the batch skips rows locked by
+    someone else.
+    """
+    key = list(table.primary_key.columns)
+    chosen = sa.select(*key).where(condition).order_by(*order).limit(_p("limit"))
+    batch: sa.Subquery | sa.CTE
+    if kind is Kind.POSTGRESQL:
+        # Materialised, so that it runs once: as a subquery the planner may rescan it for
+        # each row of a nested loop, and each rescan skips the rows the statement has just
+        # changed (they are locked by itself now) to return further ones, past the limit.
+        batch = chosen.with_for_update(skip_locked=True).cte("batch").prefix_with("MATERIALIZED")
+    else:
+        batch = chosen.subquery()
+    if len(key) == 1:
+        return sa.and_(key[0].in_(sa.select(*batch.c)), condition)
+    return sa.and_(sa.tuple_(*key).in_(sa.select(*batch.c)), condition)
+
+
+def _count(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+@cache
+def maintenance_statements(kind: Kind, *, bound: bool) -> MaintenanceStatements:
+    """The maintenance statements of ``kind``; ``bound``: the time is the ``now`` parameter."""
+    now = _now(kind, bound=bound)
+    until = now + _int("after_us")
+    window = now - _int("older_us")
+    o = outbox
+    pending = o.c.status == _PENDING
+    due = sa.and_(pending, o.c.next_attempt_at <= now)
+    dead = o.c.status == _DEAD
+    settled_events = sa.and_(inbox.c.status.in_(_PURGEABLE_EVENTS), inbox.c.received_at <= window)
+    done_effects = sa.and_(o.c.status == _DONE, o.c.created_at <= window)
+    return MaintenanceStatements(
+        orders_to_check=_to_check(orders, orders.c.updated_at, now),
+        check_order=sa.update(orders)
+        .where(orders.c.tenant == _p("tenant"), orders.c.order_id == _p("order_id"))
+        .values(check_at=until),
+        events_to_check=_to_check(inbox, inbox.c.received_at, now),
+        check_event=sa.update(inbox)
+        .where(inbox.c.account == _p("account"), inbox.c.event_id == _p("event_id"))
+        .values(check_at=until),
+        order_counts=sa.select(orders.c.status, sa.func.count().label("n")).group_by(
+            orders.c.status
+        ),
+        backlog=sa.select(
+            _count(pending).label("pending"),
+            _count(due).label("due"),
+            _count(dead).label("dead"),
+            sa.func.min(sa.case((due, o.c.next_attempt_at))).label("oldest_due_at"),
+        ).where(o.c.status.in_((_PENDING, _DEAD))),
+        # Oldest first, in the order of the dispatcher's index. ``lease_fence`` is kept, so
+        # that the next lease's fence is still greater than every one handed out before.
+        requeue=sa.update(o)
+        .where(_bounded(kind, o, dead, o.c.next_attempt_at, o.c.created_at))
+        .values(
+            status=_PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            lease_token=None,
+            lease_expires_at=None,
+        ),
+        purge_events=sa.delete(inbox).where(_bounded(kind, inbox, settled_events)),
+        purge_effects=sa.delete(o).where(_bounded(kind, o, done_effects)),
+        purge_journal=sa.delete(journal).where(
+            _bounded(kind, journal, journal.c.at <= window, journal.c.at)
+        ),
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Awaitable, Callable, Sequence
+from collections.abc import Iterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -57,6 +57,7 @@ from idempay.backends.sql._statements import (
     event_values,
     journal_from_row,
     journal_values,
+    maintenance_statements,
     order_from_row,
     outbox_statements,
     payment_statements,
@@ -87,9 +88,10 @@ from idempay.core.models import (
     JournalEntry,
     NewEffect,
     OrderRecord,
+    OutboxBacklog,
     OutboxEntry,
 )
-from idempay.core.orders import OrderState
+from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import (
     Claimed,
     ClaimResult,
@@ -701,7 +703,9 @@ class SQLTransaction:
 
 class SQLPaymentStore(SQLStoreBase):
     """Orders, inbox, audit trail and outbox in SQL; see
-    :class:`idempay.protocols.PaymentStore` and :class:`~idempay.protocols.OutboxStore`.
+    :class:`idempay.protocols.PaymentStore`, :class:`~idempay.protocols.OutboxStore`,
+    :class:`~idempay.protocols.JournalStore` and
+    :class:`~idempay.protocols.MaintenanceStore`.
 
     Order updates are compare-and-set on ``version`` (rowcount checked), unique keys decide
     every race, and outbox dispatchers lease entries with ``FOR UPDATE SKIP LOCKED``
@@ -720,6 +724,7 @@ class SQLPaymentStore(SQLStoreBase):
         super().__init__(engine, clock=clock)
         self._s = payment_statements(self._kind)
         self._o = outbox_statements(self._kind, bound=self._bound)
+        self._m = maintenance_statements(self._kind, bound=self._bound)
 
     @contextmanager
     def transaction(
@@ -1021,8 +1026,172 @@ class SQLPaymentStore(SQLStoreBase):
 
         return self._run("journal_for", op, single=True)
 
+    # --- maintenance: the reconciler, purges and monitoring -----------------------------------
+
+    def claim_orders_to_check(
+        self,
+        *,
+        statuses: Sequence[OrderStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[OrderRecord]:
+        """See :meth:`idempay.protocols.MaintenanceStore.claim_orders_to_check`.
+
+        One transaction: a select that locks the due orders, skipping those another claim has
+        locked (``FOR UPDATE SKIP LOCKED``; SQLite's single writer), then their next check.
+        """
+        rows = self._claim_checks(
+            "claim_orders_to_check",
+            self._m.orders_to_check,
+            self._m.check_order,
+            ("tenant", "order_id"),
+            [status.value for status in statuses],
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+        return [order_from_row(row) for row in rows]
+
+    def claim_events_to_check(
+        self,
+        *,
+        statuses: Sequence[InboxStatus],
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[InboxEvent]:
+        """See :meth:`idempay.protocols.MaintenanceStore.claim_events_to_check`; one
+        transaction, as :meth:`claim_orders_to_check`."""
+        rows = self._claim_checks(
+            "claim_events_to_check",
+            self._m.events_to_check,
+            self._m.check_event,
+            ("account", "event_id"),
+            [status.value for status in statuses],
+            untouched_for=untouched_for,
+            limit=limit,
+            lease_for=lease_for,
+        )
+        return [event_from_row(row) for row in rows]
+
+    def _claim_checks(
+        self,
+        what: str,
+        due: sa.Select[Any],
+        stamp: sa.Update,
+        key: tuple[str, str],
+        statuses: list[str],
+        *,
+        untouched_for: timedelta,
+        limit: int,
+        lease_for: timedelta,
+    ) -> Sequence[sa.RowMapping]:
+        positive(lease_for, "lease_for")
+        _not_negative(untouched_for, "untouched_for")
+        if limit <= 0 or not statuses:
+            return []
+        params: dict[str, Any] = {
+            "p_statuses": statuses,
+            "p_untouched_us": span(untouched_for),
+            "p_limit": limit,
+        }
+        lease_us = span(lease_for)
+
+        def op(conn: Connection) -> Sequence[sa.RowMapping]:
+            now = self._now()
+            result = conn.execute(due, params | now)
+            rows: Sequence[sa.RowMapping] = result.mappings().all()
+            if rows:
+                leases = [
+                    {f"p_{name}": row[name] for name in key} | {"p_after_us": lease_us} | now
+                    for row in rows
+                ]
+                conn.execute(stamp, leases)
+            return rows
+
+        return self._run(what, op)
+
+    def schedule_order_check(self, tenant: str, order_id: str, *, after: timedelta) -> None:
+        """See :meth:`idempay.protocols.MaintenanceStore.schedule_order_check`."""
+        _not_negative(after, "after")
+        params = {"p_tenant": tenant, "p_order_id": order_id, "p_after_us": span(after)}
+        self._execute_one("schedule_order_check", self._m.check_order, params)
+
+    def schedule_event_check(self, account: str, event_id: str, *, after: timedelta) -> None:
+        """See :meth:`idempay.protocols.MaintenanceStore.schedule_event_check`."""
+        _not_negative(after, "after")
+        params = {"p_account": account, "p_event_id": event_id, "p_after_us": span(after)}
+        self._execute_one("schedule_event_check", self._m.check_event, params)
+
+    def order_counts(self) -> Mapping[OrderStatus, int]:
+        """See :meth:`idempay.protocols.MaintenanceStore.order_counts`."""
+
+        def op(conn: Connection) -> dict[OrderStatus, int]:
+            rows = (conn.execute(self._m.order_counts)).all()
+            return {OrderStatus(status): int(n) for status, n in rows}
+
+        return self._run("order_counts", op, single=True)
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        """See :meth:`idempay.protocols.MaintenanceStore.outbox_backlog`: one read."""
+
+        def op(conn: Connection) -> OutboxBacklog:
+            row = (conn.execute(self._m.backlog, self._now())).mappings().one()
+            oldest = row["oldest_due_at"]
+            # int(): MySQL sums into DECIMAL.
+            return OutboxBacklog(
+                pending=int(row["pending"]),
+                due=int(row["due"]),
+                dead=int(row["dead"]),
+                oldest_due_at=from_micros(int(oldest)) if oldest is not None else None,
+            )
+
+        return self._run("outbox_backlog", op, single=True)
+
+    def requeue_dead_effects(self, *, limit: int) -> int:
+        """See :meth:`idempay.protocols.MaintenanceStore.requeue_dead_effects`: one
+        statement, oldest first. Each entry keeps its fence, which grows at its next lease."""
+        if limit <= 0:
+            return 0
+        return self._execute_one("requeue_dead_effects", self._m.requeue, {"p_limit": limit})
+
+    def purge_events(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.MaintenanceStore.purge_events`: one statement."""
+        return self._purge("purge_events", self._m.purge_events, older_than, limit)
+
+    def purge_effects(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.MaintenanceStore.purge_effects`: one statement."""
+        return self._purge("purge_effects", self._m.purge_effects, older_than, limit)
+
+    def purge_journal(self, *, older_than: timedelta, limit: int) -> int:
+        """See :meth:`idempay.protocols.MaintenanceStore.purge_journal`: one statement,
+        oldest first."""
+        return self._purge("purge_journal", self._m.purge_journal, older_than, limit)
+
+    def _purge(self, what: str, stmt: sa.Delete, older_than: timedelta, limit: int) -> int:
+        _not_negative(older_than, "older_than")
+        if limit <= 0:
+            return 0
+        params = {"p_older_us": span(older_than), "p_limit": limit}
+        return self._execute_one(what, stmt, params)
+
+    def _execute_one(self, what: str, stmt: sa.Executable, params: dict[str, Any]) -> int:
+        """Run one statement that completes by itself; return how many rows it changed."""
+
+        def op(conn: Connection) -> int:
+            return int((conn.execute(stmt, params | self._now())).rowcount)
+
+        return self._run(what, op, single=True)
+
 
 _NOT_DURABLE: Final = sa.text("SET LOCAL synchronous_commit TO OFF")
+
+
+def _not_negative(value: timedelta, name: str) -> None:
+    """Refuse a negative duration (zero is allowed: "at once", "everything")."""
+    if value < timedelta(0):
+        raise ConfigurationError(f"{name} must not be negative")
 
 
 def _effect_key(entry: OutboxEntry) -> dict[str, Any]:

@@ -437,6 +437,7 @@ def pg_commit(
             "attempts": "1",
             "processed_at": processed,
             "error": "CAST(:e_error AS TEXT)",
+            "check_at": "CAST(NULL AS BIGINT)",
         }
         ctes.append(
             f"evt AS (INSERT INTO {inbox.name} ({', '.join(_INBOX)})"

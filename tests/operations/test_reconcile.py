@@ -1,0 +1,413 @@
+"""The reconciler against the Stripe simulator and real databases: webhooks that never arrive
+(W13), bank debits processing for days, checkouts that died after their Stripe call, and
+reconcilers and dispatchers racing in several processes.
+
+Every webhook is dropped by the simulator (its ``drop_probability`` is 1): whatever an order
+learns, it learns from the reconciler. Charges are counted on the simulator's side.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import secrets
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stripe
+
+from idempay import parse_event
+from idempay.backends import idempotency_store_from_url, payment_store_from_url
+from idempay.backends.sql import upgrade
+from idempay.core.audit import AuditSource, AuditStep, verify_trail
+from idempay.core.orders import OrderStatus
+from idempay.engine import (
+    CheckoutRequest,
+    EffectContext,
+    FaultPoint,
+    Guard,
+    GuardConfig,
+    GuardRequest,
+    GuardResponse,
+    OrderSpec,
+)
+from idempay.gateway import StripeGateway
+from idempay.operations import Checked, ReconcileConfig, Reconciler
+from idempay.testing.simulator import DeliveryPolicy, StripeSimulator, WebhookEndpoint
+
+TENANT = "recon"
+SECRET = "whsec_reconcile"
+NOW = ReconcileConfig(
+    older_than=timedelta(0), recheck_min=timedelta(0), recheck_max=timedelta(0), backfill=False
+)
+"""Check every unsettled order at every run (the tests' clock does not wait for backoffs),
+from the PaymentIntents alone (the backfill has its own test)."""
+
+
+class CrashError(Exception):
+    """Stands for a process that died at a fault point."""
+
+
+class Shop:
+    """A guard on a real database, paying through the simulator, with a receipt effect that
+    counts its runs per order."""
+
+    def __init__(self, url: str, sim: StripeSimulator) -> None:
+        upgrade(url)
+        self.sim = sim
+        self.payments = payment_store_from_url(url)
+        self.records = idempotency_store_from_url(url)
+        self.gateway = StripeGateway.from_settings(sim.api_key, api_base=sim.url)
+        self.guard = Guard(
+            payments=self.payments,
+            records=self.records,
+            gateway=self.gateway,
+            config=GuardConfig(webhook_secrets=(SECRET,)),
+        )
+        self.receipts: Counter[str] = Counter()
+        self.tag = secrets.token_hex(3)
+
+        @self.guard.effect("receipt", on="paid")
+        def receipt(effect: EffectContext) -> None:
+            self.receipts[effect.order_id] += 1
+
+        @self.guard.checkout()
+        def checkout(request: CheckoutRequest) -> OrderSpec:
+            return OrderSpec(
+                order_id=request.fields.identifier("order_id"),
+                amount=2500,
+                currency="eur",
+                payment_method=request.fields.optional_identifier("payment_method"),
+            )
+
+        self.endpoint = checkout
+
+    def oid(self, name: str) -> str:
+        """An order id of this test's own (a database may be shared by several tests)."""
+        return f"{name}-{self.tag}"
+
+    def close(self) -> None:
+        self.gateway.close()
+        self.payments.close()  # type: ignore[attr-defined]
+        self.records.close()  # type: ignore[attr-defined]
+
+    def checkout(
+        self, order_id: str, *, key: str, payment_method: str | None = None
+    ) -> GuardResponse:
+        body: dict[str, Any] = {"order_id": order_id}
+        if payment_method is not None:
+            body["payment_method"] = payment_method
+        return self.endpoint(
+            GuardRequest(
+                method="POST",
+                route="/checkout",
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Idempotency-Key": key},
+                tenant=TENANT,
+                user="u1",
+            )
+        )
+
+    def pay_in_browser(self, intent_id: str, method: str = "pm_card_visa") -> None:
+        """What Stripe.js does: the customer confirms the PaymentIntent; only a webhook would
+        tell the server, and every webhook is dropped."""
+        client = stripe.StripeClient(self.sim.api_key, base_addresses={"api": self.sim.url})
+        client.v1.payment_intents.confirm(intent_id, params={"payment_method": method})
+
+    def status(self, order_id: str) -> OrderStatus:
+        with self.payments.transaction() as tx:
+            order = tx.get_order(TENANT, order_id)
+        assert order is not None
+        return order.state.status
+
+    def trail(self, order_id: str) -> list[tuple[AuditStep, AuditSource]]:
+        with self.payments.transaction() as tx:
+            entries = tx.audit_trail(TENANT, order_id)
+        assert verify_trail(entries).ok
+        return [(e.step, e.source) for e in entries]
+
+    def reconcile(self, config: ReconcileConfig = NOW) -> Any:
+        return Reconciler(self.guard, config=config).run_once()
+
+    def dispatch(self) -> None:
+        while self.guard.dispatch_effects(limit=100).done:
+            pass
+
+    def charges(self, intent_id: str) -> list[dict[str, Any]]:
+        return [c for c in self.sim.charges() if c["payment_intent"] == intent_id]
+
+
+@pytest.fixture
+def sim() -> Iterator[StripeSimulator]:
+    dropped = DeliveryPolicy(drop_probability=1.0)
+    endpoint = WebhookEndpoint("http://127.0.0.1:9/stripe/webhook", SECRET)
+    with StripeSimulator(webhook_endpoints=[endpoint], delivery=dropped, seed=3) as simulator:
+        yield simulator
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def shop(request: pytest.FixtureRequest, sim: StripeSimulator, tmp_path: Path) -> Iterator[Shop]:
+    url = (
+        f"sqlite:///{tmp_path / 'reconcile.db'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue(f"own_{request.param}_url")
+    )
+    shop = Shop(url, sim)
+    yield shop
+    shop.close()
+
+
+def _awaiting(shop: Shop, order_id: str) -> str:
+    response = shop.checkout(order_id, key=f"k-{order_id}")
+    assert response.status == 201, response.body
+    assert response.json()["status"] == "awaiting_payment"
+    return str(response.json()["payment_intent_id"])
+
+
+def test_w13_a_webhook_that_never_arrives_is_made_up_for_once(shop: Shop) -> None:
+    o = shop.oid("w13")
+    intent = _awaiting(shop, o)
+    shop.pay_in_browser(intent)
+    assert shop.status(o) is OrderStatus.AWAITING_PAYMENT  # the webhook was dropped
+
+    first = shop.reconcile()
+    assert [(c.order_id, c.result, c.after) for c in first.checks] == [
+        (o, Checked.CHANGED, OrderStatus.PAID)
+    ]
+    again = shop.reconcile()
+    assert [(c.order_id, c.result) for c in again.checks] == []  # paid: settled, not checked
+    shop.dispatch()
+
+    assert shop.status(o) is OrderStatus.PAID
+    assert shop.receipts == Counter({o: 1})
+    assert len(shop.charges(intent)) == 1
+    assert (AuditStep.SUCCEEDED, AuditSource.RECONCILER) in shop.trail(o)
+
+    # The lost webhook finally arrives (replayed from Stripe): a no-op.
+    late = [e for e in shop.sim.events() if e["type"] == "payment_intent.succeeded"]
+    assert len(late) == 1
+    raw = json.dumps(late[0]).encode()
+
+    outcome = shop.guard.process_event(parse_event(raw), raw)
+    assert outcome.value in {"unchanged", "stale"}
+    shop.dispatch()
+    assert shop.receipts == Counter({o: 1})
+
+
+def test_w13_the_backfill_applies_undelivered_events(shop: Shop) -> None:
+    o = shop.oid("bf")
+    intent = _awaiting(shop, o)
+    shop.pay_in_browser(intent)
+    only_backfill = ReconcileConfig(older_than=timedelta(0), max_orders=0, max_events=0)
+
+    report = shop.reconcile(only_backfill)
+    assert report.checks == []
+    assert report.backfill["applied"] >= 1
+    assert shop.status(o) is OrderStatus.PAID
+
+    again = shop.reconcile(only_backfill)
+    assert set(again.backfill) <= {"duplicate", "unchanged", "stale"}
+    shop.dispatch()
+    assert shop.receipts == Counter({o: 1})
+    assert len(shop.charges(intent)) == 1
+
+
+@pytest.mark.parametrize("succeed", [True, False], ids=["clears", "bounces"])
+def test_a_bank_debit_processing_for_days_is_never_canceled(shop: Shop, succeed: bool) -> None:
+    o = shop.oid("debit")
+    intent = _awaiting(shop, o)
+    shop.pay_in_browser(intent, "pm_sepa_debit")
+
+    for _day in range(7):
+        report = shop.reconcile()
+        assert [c.after for c in report.checks] == [OrderStatus.PROCESSING]
+        shop.sim.advance_clock(86400)
+    assert shop.status(o) is OrderStatus.PROCESSING
+    assert [pi["status"] for pi in shop.sim.payment_intents() if pi["id"] == intent] == [
+        "processing"
+    ]
+    shop.dispatch()
+    assert shop.receipts == Counter()
+
+    shop.sim.release_debit(intent, succeed=succeed)
+    report = shop.reconcile()
+    final = OrderStatus.PAID if succeed else OrderStatus.PAYMENT_FAILED
+    assert [(c.result, c.after) for c in report.checks] == [(Checked.CHANGED, final)]
+    shop.dispatch()
+    assert shop.receipts == (Counter({o: 1}) if succeed else Counter())
+    steps = [step for step, source in shop.trail(o) if source is AuditSource.RECONCILER]
+    assert steps == [AuditStep.PROCESSING, AuditStep.SUCCEEDED if succeed else AuditStep.FAILED]
+
+
+def test_a_charge_whose_answer_was_lost_is_finished_by_the_reconciler(shop: Shop) -> None:
+    o = shop.oid("lost")
+    # Stripe charges the card, and the connection drops before the answer: unknown outcome.
+    shop.sim.reset_next("/v1/payment_intents/*/confirm")
+    lost = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    assert lost.status == 503, lost.body
+    assert shop.status(o) is OrderStatus.AWAITING_PAYMENT
+
+    report = shop.reconcile()
+    assert [(c.result, c.after) for c in report.checks] == [(Checked.CHANGED, OrderStatus.PAID)]
+    (intent,) = [pi["id"] for pi in shop.sim.payment_intents()]
+    assert len(shop.charges(intent)) == 1
+
+    # The customer's retry finds the order paid: the same answer, no second charge.
+    retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    assert retry.status == 201, retry.body
+    assert retry.json()["status"] == "paid"
+    assert len(shop.charges(intent)) == 1
+    shop.dispatch()
+    assert shop.receipts == Counter({o: 1})
+    trail = shop.trail(o)
+    assert (AuditStep.OUTCOME_UNKNOWN, AuditSource.CHECKOUT) in trail
+    assert (AuditStep.SUCCEEDED, AuditSource.RECONCILER) in trail
+
+
+def test_a_checkout_that_died_before_recording_its_intent_is_found_by_metadata(
+    shop: Shop,
+) -> None:
+    o = shop.oid("crash")
+
+    def crash() -> None:
+        raise CrashError
+
+    shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_STRIPE, crash)
+    with pytest.raises(CrashError):
+        shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    assert shop.status(o) is OrderStatus.CREATED  # the PaymentIntent was never recorded
+
+    report = shop.reconcile()
+    assert [(c.result, c.after) for c in report.checks] == [
+        (Checked.CHANGED, OrderStatus.AWAITING_PAYMENT)
+    ]
+    # Never confirmed by the reconciler: that is the customer's call. Their retry pays once.
+    retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    assert retry.status == 201, retry.body
+    assert retry.json()["status"] == "paid"
+    (intent,) = [pi["id"] for pi in shop.sim.payment_intents()]
+    assert len(shop.charges(intent)) == 1
+
+
+def test_an_order_whose_checkout_never_reached_stripe_is_left_alone(shop: Shop) -> None:
+    o = shop.oid("early")
+
+    def crash() -> None:
+        raise CrashError
+
+    shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_ORDER, crash)
+    with pytest.raises(CrashError):
+        shop.checkout(o, key=f"k-{o}")
+    report = shop.reconcile()
+    assert [(c.result, c.after) for c in report.checks] == [
+        (Checked.NO_PAYMENT, OrderStatus.CREATED)
+    ]
+    assert shop.sim.payment_intents() == []
+
+
+def test_orders_younger_than_the_threshold_wait(shop: Shop) -> None:
+    o = shop.oid("young")
+    intent = _awaiting(shop, o)
+    shop.pay_in_browser(intent)
+    patient = ReconcileConfig(older_than=timedelta(hours=1), backfill=False)
+    assert shop.reconcile(patient).checks == []
+    assert shop.status(o) is OrderStatus.AWAITING_PAYMENT
+
+
+def test_a_checked_order_waits_for_its_next_check(shop: Shop) -> None:
+    o = shop.oid("wait")
+    _awaiting(shop, o)
+    backoff = ReconcileConfig(older_than=timedelta(0), backfill=False)
+    assert [c.result for c in shop.reconcile(backoff).checks] == [Checked.UNCHANGED]
+    assert shop.reconcile(backoff).checks == []  # rechecked after recheck_min, not at once
+
+
+# --- several processes --------------------------------------------------------------------
+
+
+def _reconcile_in_child(url: str, api_key: str, api_base: str, barrier: Any, out: Any) -> None:
+    payments = payment_store_from_url(url)
+    gateway = StripeGateway.from_settings(api_key, api_base=api_base)
+    guard = Guard(payments=payments, gateway=gateway, config=GuardConfig())
+    guard.effect("receipt", on="paid")(lambda _ctx: None)
+    # Without the backfill, whose events would pay the orders one of them has not claimed.
+    config = ReconcileConfig(older_than=timedelta(0), batch=5, backfill=False)
+    reconciler = Reconciler(guard, config=config)
+    barrier.wait()
+    checked: list[str] = []
+    while report := reconciler.run_once().checks:  # until this one finds nothing left
+        checked += [c.order_id for c in report]
+    out.put(checked)
+    gateway.close()
+
+
+def _dispatch_in_child(url: str, log: str, barrier: Any, out: Any) -> None:
+    guard = Guard(payments=payment_store_from_url(url), config=GuardConfig())
+
+    def receipt(effect: EffectContext) -> None:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{effect.dedup_key}\n".encode())
+        finally:
+            os.close(fd)
+
+    guard.effect("receipt", on="paid")(receipt)
+    barrier.wait()
+    done = 0
+    while (report := guard.dispatch_effects(limit=3)).done or report.retried:
+        done += report.done
+    out.put(done)
+
+
+@pytest.mark.parametrize("backend", ["postgres", "mysql"])
+def test_two_reconcilers_and_two_dispatchers_each_handle_a_row_once(
+    backend: str, request: pytest.FixtureRequest, sim: StripeSimulator, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"own_{backend}_url")
+    shop = Shop(url, sim)
+    orders = [f"race-{i}" for i in range(24)]
+    try:
+        for order_id in orders:
+            shop.pay_in_browser(_awaiting(shop, order_id))
+    finally:
+        shop.close()
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    children = [
+        ctx.Process(target=_reconcile_in_child, args=(url, sim.api_key, sim.url, barrier, out))
+        for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    checked = [out.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    assert sorted(checked[0] + checked[1]) == sorted(orders)  # every order, each once
+
+    log = str(tmp_path / "receipts.log")
+    barrier = ctx.Barrier(2)
+    children = [
+        ctx.Process(target=_dispatch_in_child, args=(url, log, barrier, out)) for _ in range(2)
+    ]
+    for child in children:
+        child.start()
+    done = [out.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    sent = Path(log).read_text().split()
+    assert sum(done) == len(orders) == len(sent) == len(set(sent))
+
+    verify = Shop(url, sim)
+    try:
+        assert {verify.status(o) for o in orders} == {OrderStatus.PAID}
+        assert all(len(verify.trail(o)) >= 3 for o in orders)
+    finally:
+        verify.close()
