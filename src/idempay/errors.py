@@ -17,6 +17,7 @@ The tree::
     │   ├── RequestInFlightError           409 request_in_flight (+ Retry-After)
     │   ├── FingerprintMismatchError       422 idempotency_key_reused
     │   ├── OrderNotFoundError             404 order_not_found
+    │   ├── OrderStateConflictError        409 order_state_conflict
     │   ├── PayloadError                   400 invalid_payload
     │   │   ├── MalformedJSONError         400 malformed_json
     │   │   ├── PayloadTooLargeError       413 payload_too_large
@@ -68,6 +69,7 @@ __all__ = [
     "MissingDependencyError",
     "MissingIdempotencyKeyError",
     "OrderNotFoundError",
+    "OrderStateConflictError",
     "PayloadError",
     "PayloadTooLargeError",
     "PaymentOutcomeUnknownError",
@@ -222,6 +224,15 @@ class OrderNotFoundError(RequestError):
     status = 404
     code = "order_not_found"
     title = "No such order"
+
+
+class OrderStateConflictError(RequestError):
+    """The order's state forbids the operation (a review decision on an order that is not
+    under review, or whose refunds do not fit the decision); nothing was changed."""
+
+    status = 409
+    code = "order_state_conflict"
+    title = "The order's state forbids this"
 
 
 class PayloadError(RequestError):

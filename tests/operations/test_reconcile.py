@@ -8,6 +8,7 @@ learns, it learns from the reconciler. Charges are counted on the simulator's si
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -22,11 +23,16 @@ import pytest
 import stripe
 
 from idempay import parse_event
-from idempay.backends import idempotency_store_from_url, payment_store_from_url
+from idempay.backends import (
+    async_payment_store_from_url,
+    idempotency_store_from_url,
+    payment_store_from_url,
+)
 from idempay.backends.sql import upgrade
 from idempay.core.audit import AuditSource, AuditStep, verify_trail
 from idempay.core.orders import OrderStatus
 from idempay.engine import (
+    AsyncGuard,
     CheckoutRequest,
     EffectContext,
     FaultPoint,
@@ -36,8 +42,8 @@ from idempay.engine import (
     GuardResponse,
     OrderSpec,
 )
-from idempay.gateway import StripeGateway
-from idempay.operations import Checked, ReconcileConfig, Reconciler
+from idempay.gateway import AsyncStripeGateway, StripeGateway
+from idempay.operations import AsyncReconciler, Checked, ReconcileConfig, Reconciler
 from idempay.testing.simulator import DeliveryPolicy, StripeSimulator, WebhookEndpoint
 
 TENANT = "recon"
@@ -411,3 +417,53 @@ def test_two_reconcilers_and_two_dispatchers_each_handle_a_row_once(
         assert all(len(verify.trail(o)) >= 3 for o in orders)
     finally:
         verify.close()
+
+
+# --- asyncio ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_async_reconciler_runs_as_a_worker_until_stopped(
+    backend: str, request: pytest.FixtureRequest, sim: StripeSimulator, tmp_path: Path
+) -> None:
+    url = (
+        f"sqlite:///{tmp_path / 'async.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("own_postgres_url")
+    )
+    shop = Shop(url, sim)  # the sync shop takes the order; the async guard reconciles it
+    try:
+        o = shop.oid("async")
+        shop.pay_in_browser(_awaiting(shop, o))
+    finally:
+        shop.close()
+
+    payments = async_payment_store_from_url(url)
+    gateway = AsyncStripeGateway.from_settings(sim.api_key, api_base=sim.url)
+    guard = AsyncGuard(payments=payments, gateway=gateway, config=GuardConfig())
+    receipts: list[str] = []
+
+    @guard.effect("receipt", on="paid")
+    async def receipt(effect: EffectContext) -> None:
+        receipts.append(effect.order_id)
+
+    stop = asyncio.Event()
+
+    def progress(stage: str, _done: int, _total: int | None) -> None:
+        if stage == "events":  # the orders of the first run are done: stop after this run
+            stop.set()
+
+    reconciler = AsyncReconciler(guard, config=NOW)
+    try:
+        await reconciler.run_forever(stop, interval=timedelta(hours=1), progress=progress)
+        while (await guard.dispatch_effects()).done:
+            pass
+        async with payments.transaction() as tx:
+            order = await tx.get_order(TENANT, o)
+    finally:
+        await gateway.aclose()
+        await payments.aclose()  # type: ignore[attr-defined]
+    assert order is not None
+    assert order.state.status is OrderStatus.PAID
+    assert receipts == [o]

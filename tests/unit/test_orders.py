@@ -31,6 +31,7 @@ from idempay.core.orders import (
     PaymentPhase,
     RefundObserved,
     ReviewReason,
+    ReviewResolved,
     Transition,
     apply,
     new_order,
@@ -226,7 +227,7 @@ def test_transitions_table_shape() -> None:
     for status in PAID_STATUSES:
         assert TRANSITIONS[status] <= {S.PARTIALLY_REFUNDED, S.REFUNDED}
     assert TRANSITIONS[S.CANCELED] == {S.NEEDS_REVIEW}
-    assert TRANSITIONS[S.NEEDS_REVIEW] == frozenset()
+    assert TRANSITIONS[S.NEEDS_REVIEW] == {S.PAID, S.PARTIALLY_REFUNDED, S.REFUNDED}
     assert TRANSITIONS[S.REFUNDED] == frozenset()
 
 
@@ -919,7 +920,11 @@ def test_c7_a_decline_then_a_later_success() -> None:
 
 
 def _states_for(status: OrderStatus) -> list[OrderState]:
-    refunded = {S.PARTIALLY_REFUNDED: (400,), S.REFUNDED: (AMOUNT,), S.NEEDS_REVIEW: (0, 400)}
+    refunded = {
+        S.PARTIALLY_REFUNDED: (400,),
+        S.REFUNDED: (AMOUNT,),
+        S.NEEDS_REVIEW: (0, 400, AMOUNT),
+    }
     reasons: tuple[ReviewReason | None, ...] = (
         tuple(ReviewReason) if status is S.NEEDS_REVIEW else (None,)
     )
@@ -964,6 +969,8 @@ OBSERVATIONS: list[Observation] = [
     ),
     *(DisputeObserved(s) for s in (DisputeStatus.OPEN, DisputeStatus.WON, DisputeStatus.LOST)),
     CancelRequested(),
+    ReviewResolved(keep=True),
+    ReviewResolved(keep=False),
 ]
 
 _OUTCOME_STEPS = {
@@ -1012,3 +1019,56 @@ def test_every_status_and_observation_stays_in_the_table_and_is_idempotent(
                 assert again == t
     # Every status meets more than one kind of answer: the loop above is not vacuous.
     assert len(outcomes) >= 2
+
+
+# --- resolving a review ------------------------------------------------------------------------
+
+
+def test_keeping_the_payment_of_a_reviewed_order_pays_and_fulfils_it() -> None:
+    t = apply(order(S.NEEDS_REVIEW), ReviewResolved(keep=True))
+    assert (t.outcome, t.after.status, t.after.review_reason) == (Outcome.APPLIED, S.PAID, None)
+    assert t.steps == (AuditStep.SUCCEEDED,)
+    assert t.effects == (Effect(EffectTrigger.PAID, "paid"),)
+    assert apply(t.after, ReviewResolved(keep=True)).outcome is Outcome.UNCHANGED
+
+
+def test_keeping_a_partly_refunded_payment_records_both() -> None:
+    t = apply(order(S.NEEDS_REVIEW, amount_refunded=400), ReviewResolved(keep=True))
+    assert t.after.status is S.PARTIALLY_REFUNDED
+    assert t.steps == (AuditStep.SUCCEEDED, AuditStep.PARTIALLY_REFUNDED)
+    assert t.effects == (
+        Effect(EffectTrigger.PAID, "paid"),
+        Effect(EffectTrigger.REFUNDED, "refund:400"),
+    )
+
+
+def test_a_review_closes_as_refunded_only_once_refunded_in_full() -> None:
+    early = apply(order(S.NEEDS_REVIEW, amount_refunded=400), ReviewResolved(keep=False))
+    assert (early.outcome, early.reason) == (Outcome.REFUSED, "not refunded in full yet")
+    t = apply(order(S.NEEDS_REVIEW, amount_refunded=AMOUNT), ReviewResolved(keep=False))
+    assert (t.after.status, t.steps) == (S.REFUNDED, (AuditStep.REFUNDED,))
+    assert t.effects == (Effect(EffectTrigger.REFUNDED, f"refund:{AMOUNT}"),)
+    assert apply(t.after, ReviewResolved(keep=False)).outcome is Outcome.UNCHANGED
+    kept = apply(order(S.NEEDS_REVIEW, amount_refunded=AMOUNT), ReviewResolved(keep=True))
+    assert (kept.outcome, kept.reason) == (
+        Outcome.REFUSED,
+        "nothing left to keep: refunded in full",
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "keep", "outcome"),
+    [
+        (S.CREATED, True, Outcome.REFUSED),
+        (S.CANCELED, True, Outcome.REFUSED),
+        (S.PAID, False, Outcome.REFUSED),
+        (S.PAID, True, Outcome.UNCHANGED),
+        (S.PARTIALLY_REFUNDED, True, Outcome.UNCHANGED),
+    ],
+)
+def test_a_decision_without_an_open_review(
+    status: OrderStatus, keep: bool, outcome: Outcome
+) -> None:
+    refunded = {"amount_refunded": 400} if status is S.PARTIALLY_REFUNDED else {}
+    t = apply(order(status, **refunded), ReviewResolved(keep=keep))
+    assert (t.outcome, t.reason, t.effects) == (outcome, "no review open", ())

@@ -24,6 +24,7 @@ from idempay.core.orders import (
     PaymentObserved,
     PaymentPhase,
     RefundObserved,
+    ReviewResolved,
     apply,
     new_order,
 )
@@ -52,6 +53,7 @@ observations = st.one_of(
         status=st.sampled_from((DisputeStatus.OPEN, DisputeStatus.WON, DisputeStatus.LOST)),
     ),
     st.just(CancelRequested()),
+    st.builds(ReviewResolved, keep=st.booleans()),
 )
 
 
@@ -77,6 +79,7 @@ class OrderLife(RuleBasedStateMachine):
         self.state: OrderState | None = None
         self.effects: set[Effect] = set()
         self.mismatch_seen = False
+        self.resolved = False
 
     @initialize(amount=st.sampled_from(AMOUNTS), currency=st.sampled_from(CURRENCIES))
     def create(self, amount: int, currency: str) -> None:
@@ -106,8 +109,12 @@ class OrderLife(RuleBasedStateMachine):
             assert effect not in self.effects
             self.effects.add(effect)
         paid = Effect(EffectTrigger.PAID, "paid")
-        if _mismatched_success(before, observation) or self.mismatch_seen:
+        kept = isinstance(observation, ReviewResolved) and observation.keep
+        if (_mismatched_success(before, observation) or self.mismatch_seen) and not kept:
+            # Money that did not fit is fulfilled only by an operator's decision to keep it.
             assert paid not in t.effects
+        if isinstance(observation, ReviewResolved) and t.changed:
+            self.resolved = True
         if _mismatched_success(before, observation):
             self.mismatch_seen = True
         # Applying the same observation again changes nothing.
@@ -130,7 +137,8 @@ class OrderLife(RuleBasedStateMachine):
         # Fulfilment was justified only for an order that stays paid.
         if Effect(EffectTrigger.PAID, "paid") in self.effects:
             assert state.status in PAID_STATUSES
-        if Effect(EffectTrigger.CANCELED, "canceled") in self.effects:
+        if Effect(EffectTrigger.CANCELED, "canceled") in self.effects and not self.resolved:
+            # Only an operator may honour (or settle) an order canceled before its money came.
             assert state.status in {OrderStatus.CANCELED, OrderStatus.NEEDS_REVIEW}
 
 

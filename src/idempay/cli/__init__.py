@@ -16,6 +16,7 @@ from idempay.cli._basics import EXIT_BROKEN_TRAIL, db_upgrade, demo, inspect
 from idempay.cli._context import (
     EXIT_CODES_HELP,
     EXIT_NOT_FOUND,
+    EXIT_OK,
     EXIT_PROBLEMS,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -31,6 +32,7 @@ from idempay.cli._ops import (
     purge_command,
     reconcile,
     replay,
+    resolve,
 )
 from idempay.errors import ConfigurationError, PaymentOutcomeUnknownError, StoreError
 
@@ -43,7 +45,14 @@ __all__ = [
     "main",
 ]
 
-_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+class _Paragraphs(argparse.HelpFormatter):
+    """Wraps each paragraph of a description to the terminal on its own, so that the exit
+    codes stay apart from the text above them."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n\n".join(fill(paragraph, width, indent) for paragraph in text.split("\n\n"))
 
 
 def _command(
@@ -51,12 +60,14 @@ def _command(
     name: str,
     summary: str,
     description: str,
+    *,
+    exit_codes: str = EXIT_CODES_HELP,
 ) -> argparse.ArgumentParser:
     return commands.add_parser(
         name,
         help=summary,
-        description=f"{description}\n\n{EXIT_CODES_HELP}",
-        formatter_class=_FORMATTER,
+        description=f"{description}\n\n{exit_codes}",
+        formatter_class=_Paragraphs,
     )
 
 
@@ -74,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _reconcile_parser(commands)
     _replay_parser(commands)
     _inspect_parser(commands)
+    _resolve_parser(commands)
     _outbox_parser(commands)
     _purge_parser(commands)
     _db_parser(commands)
@@ -81,14 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo_cmd = commands.add_parser(
+    demo_cmd = _command(
+        commands,
         "demo",
-        help="run the example shop under a storm of clicks and webhooks, and check it",
-        description="Start the Stripe simulator and the FastAPI example shop (several workers, "
-        "SQLite and the in-process lock unless told otherwise), drive a storm through HTTP "
-        "(double and triple clicks, every webhook duplicated, delayed and reordered, a worker "
-        "killed midway), then check every invariant against the running system. Exits 1 if "
-        "one is violated; the last line is a key=value summary starting with violations=.",
+        "run the example shop under a storm of clicks and webhooks, and check it",
+        "Start the Stripe simulator and the FastAPI example shop (several workers, SQLite and "
+        "the in-process lock unless told otherwise), drive a storm through HTTP (double and "
+        "triple clicks, every webhook duplicated, delayed and reordered, a worker killed "
+        "midway), then check every invariant against the running system. The last line is a "
+        "key=value summary starting with violations=.",
+        exit_codes=f"Exit codes: {EXIT_OK} every invariant held; {EXIT_PROBLEMS} one was "
+        f"violated; {EXIT_USAGE} bad usage.",
     )
     demo_cmd.add_argument("--orders", type=_positive, default=300, help="orders (default 300)")
     demo_cmd.add_argument(
@@ -203,6 +218,29 @@ def _inspect_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     cmd.set_defaults(run=inspect)
 
 
+def _resolve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cmd = _command(
+        commands,
+        "resolve",
+        "close the review of a needs_review order with your decision",
+        "An order goes to needs_review when money does not fit it (paid after a cancel, another "
+        "amount or currency, a second PaymentIntent) and stays there until someone decides. "
+        "--keep: the payment is kept and the order honoured (paid, with its fulfilment "
+        "effects: give --app). --refunded: the customer was refunded in full at Stripe (the "
+        "refund must show in 'idempay inspect' first) and the order becomes refunded. The "
+        "decision is audited with source 'operator'; exit code 1 when it is refused.",
+    )
+    cmd.add_argument("order_id", metavar="ORDER_ID")
+    cmd.add_argument("--tenant", default="", help="the order's tenant (default: none)")
+    decision = cmd.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--keep", action="store_true", help="keep the payment, fulfil the order")
+    decision.add_argument(
+        "--refunded", action="store_true", help="the payment was refunded in full at Stripe"
+    )
+    _common(cmd, app=True)
+    cmd.set_defaults(run=resolve)
+
+
 def _outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     outbox = commands.add_parser(
         "outbox",
@@ -283,12 +321,15 @@ def _purge_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 def _db_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = commands.add_parser("db", help="create or migrate idempay's tables in your database")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
-    upgrade = db_commands.add_parser(
+    upgrade = _command(
+        db_commands,
         "upgrade",
-        help="create or migrate idempay's tables (idempotent)",
-        description="Apply idempay's migrations to the database. Safe to run at every start: "
-        "an up-to-date schema is left as it is. idempay keeps its migration history in its own "
-        "table (idempay_alembic_version), apart from your application's.",
+        "create or migrate idempay's tables (idempotent)",
+        "Apply idempay's migrations to the database. Safe to run at every start: an up-to-date "
+        "schema is left as it is. idempay keeps its migration history in its own table "
+        "(idempay_alembic_version), apart from your application's.",
+        exit_codes=f"Exit codes: {EXIT_OK} done; {EXIT_USAGE} bad usage or configuration; "
+        f"{EXIT_UNAVAILABLE} the database is unavailable (try again).",
     )
     upgrade.add_argument(
         "--url", help="SQLAlchemy URL of the database (default: $IDEMPAY_DATABASE_URL)"
@@ -330,7 +371,8 @@ def _natural(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
-    name = f"idempay {args.command}"
+    sub = getattr(args, "outbox_command", None) or getattr(args, "db_command", None)
+    name = f"idempay {args.command} {sub}" if sub else f"idempay {args.command}"
     try:
         code: int = args.run(args)
     except (UsageError, ConfigurationError) as error:

@@ -24,7 +24,12 @@ from idempay.cli._render import ProgressBar, print_json, table
 from idempay.core.events import parse_event
 from idempay.core.models import OutboxBacklog
 from idempay.engine import AsyncGuard, DispatchReport, Guard, WebhookOutcome
-from idempay.errors import ConfigurationError
+from idempay.errors import (
+    ConfigurationError,
+    OrderNotFoundError,
+    OrderStateConflictError,
+    PaymentProviderError,
+)
 from idempay.operations import (
     AsyncReconciler,
     Checked,
@@ -36,7 +41,15 @@ from idempay.operations import (
     purge,
 )
 
-__all__ = ["outbox_retry", "outbox_run", "outbox_status", "purge_command", "reconcile", "replay"]
+__all__ = [
+    "outbox_retry",
+    "outbox_run",
+    "outbox_status",
+    "purge_command",
+    "reconcile",
+    "replay",
+    "resolve",
+]
 
 
 # --- reconcile ------------------------------------------------------------------------------
@@ -97,7 +110,7 @@ def _reconcile_text(report: ReconcileReport, *, verbose: bool) -> str:
             (c.tenant or "-", c.order_id, c.before.value, c.after.value, c.error or c.result.value)
             for c in shown
         ]
-        out.append(table(("tenant", "order", "before", "after", "result"), rows))
+        out.append(table(("tenant", "order", "before", "after", "result"), rows).rstrip("\n"))
         out.append("")
     counts = ", ".join(f"{report.count(r)} {r.value}" for r in Checked)
     out.append(f"orders checked  {len(report.checks)} ({counts})")
@@ -151,6 +164,8 @@ def _on_signals(callback: Any) -> None:
 
 def replay(args: argparse.Namespace) -> int:
     guard = guard_for(args, gateway=args.from_stripe, effects=True)
+    if args.from_stripe and guard.gateway is None:
+        raise UsageError("--from-stripe needs a guard with a Stripe gateway (see --app)")
 
     def sync(g: Guard) -> tuple[str, dict[str, Any]] | None:
         with g.payments.transaction() as tx:
@@ -158,7 +173,10 @@ def replay(args: argparse.Namespace) -> int:
         if stored is not None:
             raw = stored.payload
         elif args.from_stripe and g.gateway is not None:
-            raw = g.gateway.retrieve_event(args.event_id)
+            try:
+                raw = g.gateway.retrieve_event(args.event_id)
+            except PaymentProviderError:  # no such event (Stripe keeps them 30 days)
+                return None
         else:
             return None
         event = parse_event(raw, limits=g.config.json_limits)
@@ -180,7 +198,10 @@ def replay(args: argparse.Namespace) -> int:
         if stored is not None:
             raw = stored.payload
         elif args.from_stripe and g.gateway is not None:
-            raw = await g.gateway.retrieve_event(args.event_id)
+            try:
+                raw = await g.gateway.retrieve_event(args.event_id)
+            except PaymentProviderError:  # no such event (Stripe keeps them 30 days)
+                return None
         else:
             return None
         event = parse_event(raw, limits=g.config.json_limits)
@@ -198,9 +219,7 @@ def replay(args: argparse.Namespace) -> int:
 
     done = run_with(guard, sync, run_async)
     if done is None:
-        hint = "" if args.from_stripe else " (add --from-stripe to fetch it from Stripe)"
-        sys.stderr.write(f"idempay replay: event {args.event_id!r} is not in the inbox{hint}\n")
-        return EXIT_NOT_FOUND
+        return _replay_not_found(args)
     _, document = done
     if args.json:
         print_json(document)
@@ -209,6 +228,16 @@ def replay(args: argparse.Namespace) -> int:
         where = f"; order {order['order_id']} is {order['status']}" if order else ""
         sys.stdout.write(f"{document['event_id']}: {document['outcome']}{where}\n")
     return EXIT_OK
+
+
+def _replay_not_found(args: argparse.Namespace) -> int:
+    hint = (
+        ", and Stripe refused to return it (it keeps events 30 days)"
+        if args.from_stripe
+        else " (add --from-stripe to fetch it from Stripe)"
+    )
+    sys.stderr.write(f"idempay replay: event {args.event_id!r} is not in the inbox{hint}\n")
+    return EXIT_NOT_FOUND
 
 
 def _tenant(guard: Guard | AsyncGuard, event: Any) -> str:
@@ -238,9 +267,10 @@ def _replay_document(
 
 
 def outbox_run(args: argparse.Namespace) -> int:
-    guard = guard_for(args, gateway=False, effects=False)
     if not (getattr(args, "app", None) or _env_app()):
+        # Checked first: a guard built from the environment could run none of the effects.
         raise UsageError("outbox run needs --app MODULE:ATTR: the effects are your functions")
+    guard = guard_for(args, gateway=False, effects=False)
     bar = ProgressBar(enabled=False if args.json or args.loop else None)
     total = DispatchReport()
 
@@ -378,4 +408,41 @@ def purge_command(args: argparse.Namespace) -> int:
     else:
         rows = [(kind, n) for kind, n in report.to_document().items()]
         sys.stdout.write(table(("deleted", "rows"), rows))
+    return EXIT_OK
+
+
+# --- resolve --------------------------------------------------------------------------------
+
+
+def resolve(args: argparse.Namespace) -> int:
+    keep = bool(args.keep)
+    guard = guard_for(args, gateway=False, effects=keep)
+
+    def sync(g: Guard) -> Any:
+        return g.resolve_review(args.order_id, tenant=args.tenant, keep=keep)
+
+    async def run_async(g: AsyncGuard) -> Any:
+        return await g.resolve_review(args.order_id, tenant=args.tenant, keep=keep)
+
+    try:
+        order = run_with(guard, sync, run_async)
+    except OrderNotFoundError:
+        sys.stderr.write(f"idempay resolve: no order {args.order_id!r}\n")
+        return EXIT_NOT_FOUND
+    except OrderStateConflictError:
+        sys.stderr.write(
+            "idempay resolve: refused (the order is not under review, or its refunds do not fit "
+            "the decision: see 'idempay inspect'); the refusal is in its audit trail\n"
+        )
+        return EXIT_PROBLEMS
+    document = {
+        "tenant": order.tenant,
+        "order_id": order.order_id,
+        "status": order.state.status.value,
+        "amount_refunded": order.state.amount_refunded,
+    }
+    if args.json:
+        print_json(document)
+    else:
+        sys.stdout.write(f"order {order.order_id} is now {order.state.status.value}\n")
     return EXIT_OK

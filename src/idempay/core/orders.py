@@ -62,6 +62,7 @@ __all__ = [
     "PaymentPhase",
     "RefundObserved",
     "ReviewReason",
+    "ReviewResolved",
     "Transition",
     "apply",
     "new_order",
@@ -289,7 +290,24 @@ class CancelRequested:
     """
 
 
-Observation: TypeAlias = PaymentObserved | RefundObserved | DisputeObserved | CancelRequested
+@dataclass(frozen=True, slots=True)
+class ReviewResolved:
+    """An operator's decision on an order in ``needs_review``, taken after looking at Stripe.
+
+    ``keep``: the payment is kept and the order honoured: ``paid`` (or ``partially_refunded``
+    when part of it was refunded during the review), with the ``paid`` effect, so that it is
+    fulfilled. Otherwise the money went back to the customer: the refund, made at Stripe, must
+    have been recorded in full (refund events are applied during a review), and the order
+    becomes ``refunded``. Anything else is refused, and so is a decision on an order that is
+    not under review, unless it already stands where that decision leads (a repeat).
+    """
+
+    keep: bool
+
+
+Observation: TypeAlias = (
+    PaymentObserved | RefundObserved | DisputeObserved | CancelRequested | ReviewResolved
+)
 """Everything that can reach an order, reduced to what the state machine needs."""
 
 
@@ -421,8 +439,8 @@ TRANSITIONS: Final[Mapping[OrderStatus, frozenset[OrderStatus]]] = MappingProxyT
         _S.PARTIALLY_REFUNDED: frozenset({_S.REFUNDED}),
         _S.REFUNDED: frozenset(),
         _S.CANCELED: frozenset({_S.NEEDS_REVIEW}),
-        # Only an operator resolves a review (that API is not part of the machine).
-        _S.NEEDS_REVIEW: frozenset(),
+        # Only an operator resolves a review (ReviewResolved).
+        _S.NEEDS_REVIEW: frozenset({_S.PAID, _S.PARTIALLY_REFUNDED, _S.REFUNDED}),
     }
 )
 """Every status an order may move to from each status (staying put is always allowed)."""
@@ -511,6 +529,8 @@ def apply(state: OrderState, observation: Observation) -> Transition:
             return _apply_dispute(state, observation)
         case CancelRequested():
             return _apply_local_cancel(state)
+        case ReviewResolved():
+            return _apply_resolution(state, keep=observation.keep)
         case _:
             assert_never(observation)
 
@@ -729,6 +749,29 @@ def _apply_local_cancel(state: OrderState) -> Transition:
     if outcome is Outcome.UNCHANGED:
         return _unchanged(state, "already canceled")
     return _refused(state, _CANCEL_REFUSAL_REASONS[state.status])
+
+
+def _apply_resolution(state: OrderState, *, keep: bool) -> Transition:
+    refunded = state.amount_refunded
+    if state.status is not OrderStatus.NEEDS_REVIEW:
+        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
+        if state.status in done:
+            return _unchanged(state, "no review open")
+        return _refused(state, "no review open")
+    if keep and refunded >= state.amount:
+        return _refused(state, "nothing left to keep: refunded in full")
+    if not keep and refunded < state.amount:
+        return _refused(state, "not refunded in full yet")
+    status = _refund_status(state, refunded) if refunded else OrderStatus.PAID
+    after = replace(state, status=status, review_reason=None)
+    steps = tuple(dict.fromkeys((AuditStep.SUCCEEDED, STEP_FOR_STATUS[status])))
+    effects: tuple[Effect, ...] = ()
+    if keep:
+        effects = (Effect(EffectTrigger.PAID, "paid"),)
+    if refunded:
+        effects += (Effect(EffectTrigger.REFUNDED, f"refund:{refunded}"),)
+    reason = "review resolved: payment kept" if keep else "review resolved: refunded"
+    return _applied(state, after, reason, steps if keep else (STEP_FOR_STATUS[status],), effects)
 
 
 def _refund_status(state: OrderState, amount_refunded: int) -> OrderStatus:

@@ -38,11 +38,14 @@ from idempay.core.models import (
 )
 from idempay.core.observe import observation_from_event, observation_from_intent
 from idempay.core.orders import (
+    PAID_STATUSES,
     CancelRequested,
     EffectTrigger,
     Observation,
     OrderState,
+    OrderStatus,
     Outcome,
+    ReviewResolved,
     Transition,
     apply,
     new_order,
@@ -81,6 +84,7 @@ from idempay.errors import (
     LockError,
     MethodNotAllowedError,
     OrderNotFoundError,
+    OrderStateConflictError,
     PaymentOutcomeUnknownError,
     PaymentProviderError,
     RequestError,
@@ -90,6 +94,7 @@ from idempay.errors import (
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._async import AsyncStripeGateway
+from idempay.observability import operation as observed
 from idempay.protocols import (
     AsyncIdempotencyStore,
     AsyncJournalStore,
@@ -237,18 +242,30 @@ class AsyncGuard:
 
         def decorate(handler: CheckoutHandler) -> CheckoutEndpoint:
             async def endpoint(request: GuardRequest) -> GuardResponse:
-                try:
-                    return await self._checkout(handler, operation, ignore, request)
-                except RequestError as error:
-                    return problem_response(error, instance=request.route)
-                except StoreError as error:
-                    return problem_response(_store_unavailable(error), instance=request.route)
+                with observed("checkout") as op:
+                    response = await self._answer_checkout(handler, operation, ignore, request)
+                    op.outcome = str(response.status)
+                return response
 
             endpoint.__name__ = getattr(handler, "__name__", "checkout")
             endpoint.__doc__ = handler.__doc__
             return endpoint
 
         return decorate
+
+    async def _answer_checkout(
+        self,
+        handler: CheckoutHandler,
+        operation: str,
+        ignore: tuple[str, ...],
+        request: GuardRequest,
+    ) -> GuardResponse:
+        try:
+            return await self._checkout(handler, operation, ignore, request)
+        except RequestError as error:
+            return problem_response(error, instance=request.route)
+        except StoreError as error:
+            return problem_response(_store_unavailable(error), instance=request.route)
 
     async def _checkout(
         self,
@@ -655,6 +672,27 @@ class AsyncGuard:
             order = await self._apply_intent(order, intent, source=AuditSource.OPERATOR)
         return await self._observe(order, CancelRequested(), AuditSource.OPERATOR)
 
+    async def resolve_review(self, order_id: str, *, tenant: str = "", keep: bool) -> OrderRecord:
+        """Close the review of an order in ``needs_review`` with an operator's decision.
+
+        ``keep``: the payment is kept and the order honoured (``paid``, with its fulfilment
+        effects). Otherwise the customer was refunded in full at Stripe first, and the order
+        becomes ``refunded``. The decision is audited with source ``operator``; repeating it
+        changes nothing. See docs/operations.md for the runbook.
+
+        Raises:
+            OrderNotFoundError: no such order.
+            OrderStateConflictError: the order is not under review, or its refunds do not fit
+                the decision (a refund not recorded in full yet, or nothing left to keep);
+                the refusal is audited, nothing else is changed.
+        """
+        order = await self._order(tenant, order_id)
+        updated = await self._observe(order, ReviewResolved(keep=keep), AuditSource.OPERATOR)
+        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
+        if updated.state.status not in done:
+            raise OrderStateConflictError("the order's review cannot be resolved this way")
+        return updated
+
     # --- inspection -----------------------------------------------------------------------
 
     async def inspect_order(self, order_id: str, *, tenant: str = "") -> OrderView:
@@ -717,16 +755,21 @@ class AsyncGuard:
         orphaned); 4xx with a problem document for a request that is refused (bad signature,
         malformed body, wrong method or media type), after which nothing was written.
         """
-        try:
-            outcome = await self._receive(request)
-        except ServiceUnavailableError as error:
-            # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
-            return problem_response(error, instance=request.route)
-        except RequestError as error:
-            await self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
-            return problem_response(error, instance=request.route)
-        except StoreError as error:
-            return problem_response(_store_unavailable(error), instance=request.route)
+        with observed("webhook") as op:
+            try:
+                outcome = await self._receive(request)
+            except ServiceUnavailableError as error:
+                # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
+                op.outcome = "503"
+                return problem_response(error, instance=request.route)
+            except RequestError as error:
+                op.outcome = str(error.status)
+                await self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
+                return problem_response(error, instance=request.route)
+            except StoreError as error:
+                op.outcome = "503"
+                return problem_response(_store_unavailable(error), instance=request.route)
+            op.outcome = outcome.value
         return json_response(200, {"received": True, "outcome": outcome.value})
 
     async def _receive(self, request: GuardRequest) -> WebhookOutcome:
@@ -1135,11 +1178,13 @@ class AsyncGuard:
                 payload=json.loads(entry.payload),
             )
             self.faults.reach(FaultPoint.OUTBOX_BEFORE_EFFECT)
-            try:
-                await registered.run(context)
-            except Exception as exc:  # noqa: BLE001 - any failure of user code is retried
-                await self._effect_failed(outbox, entry, exc, report)
-                return
+            with observed("effect", effect=entry.effect) as op:
+                try:
+                    await registered.run(context)
+                except Exception as exc:  # noqa: BLE001 - any failure of user code is retried
+                    op.outcome = "error"
+                    await self._effect_failed(outbox, entry, exc, report)
+                    return
             self.faults.reach(FaultPoint.OUTBOX_AFTER_EFFECT)
             await outbox.finish_effect(entry)
             report.done += 1

@@ -37,11 +37,14 @@ from idempay.core.models import (
 )
 from idempay.core.observe import observation_from_event, observation_from_intent
 from idempay.core.orders import (
+    PAID_STATUSES,
     CancelRequested,
     EffectTrigger,
     Observation,
     OrderState,
+    OrderStatus,
     Outcome,
+    ReviewResolved,
     Transition,
     apply,
     new_order,
@@ -80,6 +83,7 @@ from idempay.errors import (
     LockError,
     MethodNotAllowedError,
     OrderNotFoundError,
+    OrderStateConflictError,
     PaymentOutcomeUnknownError,
     PaymentProviderError,
     RequestError,
@@ -89,6 +93,7 @@ from idempay.errors import (
     UnsupportedMediaTypeError,
 )
 from idempay.gateway._sync import StripeGateway
+from idempay.observability import operation as observed
 from idempay.protocols import (
     IdempotencyStore,
     JournalStore,
@@ -233,18 +238,30 @@ class Guard:
 
         def decorate(handler: CheckoutHandler) -> CheckoutEndpoint:
             def endpoint(request: GuardRequest) -> GuardResponse:
-                try:
-                    return self._checkout(handler, operation, ignore, request)
-                except RequestError as error:
-                    return problem_response(error, instance=request.route)
-                except StoreError as error:
-                    return problem_response(_store_unavailable(error), instance=request.route)
+                with observed("checkout") as op:
+                    response = self._answer_checkout(handler, operation, ignore, request)
+                    op.outcome = str(response.status)
+                return response
 
             endpoint.__name__ = getattr(handler, "__name__", "checkout")
             endpoint.__doc__ = handler.__doc__
             return endpoint
 
         return decorate
+
+    def _answer_checkout(
+        self,
+        handler: CheckoutHandler,
+        operation: str,
+        ignore: tuple[str, ...],
+        request: GuardRequest,
+    ) -> GuardResponse:
+        try:
+            return self._checkout(handler, operation, ignore, request)
+        except RequestError as error:
+            return problem_response(error, instance=request.route)
+        except StoreError as error:
+            return problem_response(_store_unavailable(error), instance=request.route)
 
     def _checkout(
         self,
@@ -651,6 +668,27 @@ class Guard:
             order = self._apply_intent(order, intent, source=AuditSource.OPERATOR)
         return self._observe(order, CancelRequested(), AuditSource.OPERATOR)
 
+    def resolve_review(self, order_id: str, *, tenant: str = "", keep: bool) -> OrderRecord:
+        """Close the review of an order in ``needs_review`` with an operator's decision.
+
+        ``keep``: the payment is kept and the order honoured (``paid``, with its fulfilment
+        effects). Otherwise the customer was refunded in full at Stripe first, and the order
+        becomes ``refunded``. The decision is audited with source ``operator``; repeating it
+        changes nothing. See docs/operations.md for the runbook.
+
+        Raises:
+            OrderNotFoundError: no such order.
+            OrderStateConflictError: the order is not under review, or its refunds do not fit
+                the decision (a refund not recorded in full yet, or nothing left to keep);
+                the refusal is audited, nothing else is changed.
+        """
+        order = self._order(tenant, order_id)
+        updated = self._observe(order, ReviewResolved(keep=keep), AuditSource.OPERATOR)
+        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
+        if updated.state.status not in done:
+            raise OrderStateConflictError("the order's review cannot be resolved this way")
+        return updated
+
     # --- inspection -----------------------------------------------------------------------
 
     def inspect_order(self, order_id: str, *, tenant: str = "") -> OrderView:
@@ -713,16 +751,21 @@ class Guard:
         orphaned); 4xx with a problem document for a request that is refused (bad signature,
         malformed body, wrong method or media type), after which nothing was written.
         """
-        try:
-            outcome = self._receive(request)
-        except ServiceUnavailableError as error:
-            # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
-            return problem_response(error, instance=request.route)
-        except RequestError as error:
-            self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
-            return problem_response(error, instance=request.route)
-        except StoreError as error:
-            return problem_response(_store_unavailable(error), instance=request.route)
+        with observed("webhook") as op:
+            try:
+                outcome = self._receive(request)
+            except ServiceUnavailableError as error:
+                # Not a refusal: the delivery could not be handled now; Stripe delivers it again.
+                op.outcome = "503"
+                return problem_response(error, instance=request.route)
+            except RequestError as error:
+                op.outcome = str(error.status)
+                self._note(AuditStep.REJECTED, AuditSource.WEBHOOK, reason=error.code)
+                return problem_response(error, instance=request.route)
+            except StoreError as error:
+                op.outcome = "503"
+                return problem_response(_store_unavailable(error), instance=request.route)
+            op.outcome = outcome.value
         return json_response(200, {"received": True, "outcome": outcome.value})
 
     def _receive(self, request: GuardRequest) -> WebhookOutcome:
@@ -1131,11 +1174,13 @@ class Guard:
                 payload=json.loads(entry.payload),
             )
             self.faults.reach(FaultPoint.OUTBOX_BEFORE_EFFECT)
-            try:
-                registered.run(context)
-            except Exception as exc:  # noqa: BLE001 - any failure of user code is retried
-                self._effect_failed(outbox, entry, exc, report)
-                return
+            with observed("effect", effect=entry.effect) as op:
+                try:
+                    registered.run(context)
+                except Exception as exc:  # noqa: BLE001 - any failure of user code is retried
+                    op.outcome = "error"
+                    self._effect_failed(outbox, entry, exc, report)
+                    return
             self.faults.reach(FaultPoint.OUTBOX_AFTER_EFFECT)
             outbox.finish_effect(entry)
             report.done += 1

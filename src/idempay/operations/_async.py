@@ -24,6 +24,7 @@ from idempay.errors import (
     ConfigurationError,
     IdempayError,
     OrderNotFoundError,
+    PaymentOutcomeUnknownError,
     PaymentProviderError,
     StoreError,
 )
@@ -162,7 +163,12 @@ class AsyncReconciler:
                 updated = await self.guard.refresh_order(
                     order.order_id, tenant=order.tenant, source=AuditSource.RECONCILER
                 )
-            except (PaymentProviderError, StoreError, OrderNotFoundError) as error:
+            except (
+                PaymentProviderError,
+                PaymentOutcomeUnknownError,
+                StoreError,
+                OrderNotFoundError,
+            ) as error:
                 # One order's failure (unknown outcome included) must not stop the run.
                 logger.warning("an order could not be reconciled: %s", type(error).__name__)
                 op.outcome = Checked.ERROR.value
@@ -273,7 +279,7 @@ class AsyncReconciler:
                 created_after=int(since.timestamp()),
                 max_pages=self.config.backfill_pages,
             )
-        except PaymentProviderError as error:
+        except (PaymentProviderError, PaymentOutcomeUnknownError) as error:
             logger.warning("the backfill could not list events: %s", type(error).__name__)
             report.backfill["error"] += 1
             return

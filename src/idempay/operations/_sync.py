@@ -24,6 +24,7 @@ from idempay.errors import (
     ConfigurationError,
     IdempayError,
     OrderNotFoundError,
+    PaymentOutcomeUnknownError,
     PaymentProviderError,
     StoreError,
 )
@@ -161,7 +162,12 @@ class Reconciler:
                 updated = self.guard.refresh_order(
                     order.order_id, tenant=order.tenant, source=AuditSource.RECONCILER
                 )
-            except (PaymentProviderError, StoreError, OrderNotFoundError) as error:
+            except (
+                PaymentProviderError,
+                PaymentOutcomeUnknownError,
+                StoreError,
+                OrderNotFoundError,
+            ) as error:
                 # One order's failure (unknown outcome included) must not stop the run.
                 logger.warning("an order could not be reconciled: %s", type(error).__name__)
                 op.outcome = Checked.ERROR.value
@@ -272,7 +278,7 @@ class Reconciler:
                 created_after=int(since.timestamp()),
                 max_pages=self.config.backfill_pages,
             )
-        except PaymentProviderError as error:
+        except (PaymentProviderError, PaymentOutcomeUnknownError) as error:
             logger.warning("the backfill could not list events: %s", type(error).__name__)
             report.backfill["error"] += 1
             return
