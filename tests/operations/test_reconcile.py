@@ -215,6 +215,7 @@ def test_w13_the_backfill_applies_undelivered_events(shop: Shop) -> None:
     assert report.checks == []
     assert report.backfill["applied"] >= 1
     assert shop.status(o) is OrderStatus.PAID
+    assert (AuditStep.SUCCEEDED, AuditSource.RECONCILER) in shop.trail(o)
 
     again = shop.reconcile(only_backfill)
     assert set(again.backfill) <= {"duplicate", "unchanged", "stale"}

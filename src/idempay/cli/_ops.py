@@ -21,6 +21,7 @@ from idempay.cli._context import (
     run_with,
 )
 from idempay.cli._render import ProgressBar, print_json, table
+from idempay.core.audit import AuditSource
 from idempay.core.events import parse_event
 from idempay.core.models import OutboxBacklog
 from idempay.engine import AsyncGuard, DispatchReport, Guard, WebhookOutcome
@@ -180,7 +181,7 @@ def replay(args: argparse.Namespace) -> int:
         else:
             return None
         event = parse_event(raw, limits=g.config.json_limits)
-        outcome = g.process_event(event, raw)
+        outcome = g.process_event(event, raw, source=AuditSource.OPERATOR)
         with g.payments.transaction() as tx:
             order = None
             if event.payment_intent_id is not None:
@@ -205,7 +206,7 @@ def replay(args: argparse.Namespace) -> int:
         else:
             return None
         event = parse_event(raw, limits=g.config.json_limits)
-        outcome = await g.process_event(event, raw)
+        outcome = await g.process_event(event, raw, source=AuditSource.OPERATOR)
         async with g.payments.transaction() as tx:
             order = None
             if event.payment_intent_id is not None:

@@ -792,9 +792,12 @@ class AsyncGuard:
         )
         return await self.process_event(event, request.body)
 
-    async def process_event(self, event: StripeEvent, raw: bytes) -> WebhookOutcome:
+    async def process_event(
+        self, event: StripeEvent, raw: bytes, *, source: AuditSource = AuditSource.WEBHOOK
+    ) -> WebhookOutcome:
         """Record and apply an event whose signature was verified (or that came from Stripe's
-        API, as the reconciler's do); safe to call any number of times for one event."""
+        API, as the reconciler's do: ``source`` is then ``reconciler``); safe to call any
+        number of times for one event."""
         tenant, order_id = self._correlate(event)
         inbox = InboxEvent(
             account=event.account or "",
@@ -809,13 +812,13 @@ class AsyncGuard:
         )
         # A duplicate is answered from one read, before any lock: it costs nothing else.
         first = await self._read(inbox, tenant)
-        if await self._already_done(first, event, tenant):
+        if await self._already_done(first, event, tenant, source):
             return WebhookOutcome.DUPLICATE
         if first.order is None and first.stored_status is InboxStatus.ORPHAN:
             # Kept already, and its order still does not exist: nothing to write or lock.
             log_decision(
                 AuditStep.ORPHANED,
-                source=AuditSource.WEBHOOK,
+                source=source,
                 tenant=tenant or "",
                 order_id=order_id,
                 event_id=event.id,
@@ -836,7 +839,7 @@ class AsyncGuard:
             # should another delivery have committed meanwhile, the compare-and-set refuses and
             # the next attempt reads again.
             got = pending.pop() if pending else await self._read(inbox, tenant)
-            return await self._apply_once(event, inbox, tenant, got)
+            return await self._apply_once(event, inbox, tenant, got, source)
 
         try:
             return await retry_async(attempt, attempts=self.config.commit_attempts)
@@ -865,7 +868,7 @@ class AsyncGuard:
         return await self.payments.receive_event(inbox, tenant=tenant, order_id=inbox.order_id)
 
     async def _already_done(
-        self, got: EventReception, event: StripeEvent, tenant: str | None
+        self, got: EventReception, event: StripeEvent, tenant: str | None, source: AuditSource
     ) -> bool:
         stored = got.event
         if stored is None or stored.status not in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
@@ -873,7 +876,7 @@ class AsyncGuard:
         order = got.order
         await self._note(
             AuditStep.DUPLICATE,
-            AuditSource.WEBHOOK,
+            source,
             tenant=order.tenant if order is not None else tenant or "",
             order_id=order.order_id if order is not None else stored.order_id,
             event_id=event.id,
@@ -881,17 +884,27 @@ class AsyncGuard:
         return True
 
     async def _apply_once(
-        self, event: StripeEvent, inbox: InboxEvent, tenant: str | None, got: EventReception
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        tenant: str | None,
+        got: EventReception,
+        source: AuditSource,
     ) -> WebhookOutcome:
-        if await self._already_done(got, event, tenant):
+        if await self._already_done(got, event, tenant, source):
             # Another delivery of this event committed while this one was deciding.
             return WebhookOutcome.DUPLICATE
         if got.order is None:
-            return await self._orphan(event, inbox, got, tenant)
-        return await self._decide(event, inbox, got, got.order)
+            return await self._orphan(event, inbox, got, tenant, source)
+        return await self._decide(event, inbox, got, got.order, source)
 
     async def _orphan(
-        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, tenant: str | None
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        got: EventReception,
+        tenant: str | None,
+        source: AuditSource,
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         status = InboxStatus.IGNORED if observation is None else InboxStatus.ORPHAN
@@ -909,7 +922,7 @@ class AsyncGuard:
         step = AuditStep.IGNORED if observation is None else AuditStep.ORPHANED
         log_decision(
             step,
-            source=AuditSource.WEBHOOK,
+            source=source,
             tenant=tenant or "",
             order_id=inbox.order_id,
             event_id=event.id,
@@ -918,12 +931,17 @@ class AsyncGuard:
         return WebhookOutcome.IGNORED if observation is None else WebhookOutcome.ORPHANED
 
     async def _decide(
-        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, order: OrderRecord
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        got: EventReception,
+        order: OrderRecord,
+        source: AuditSource,
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         now = self.clock.now()
         if observation is None:
-            draft = self._draft(order, AuditStep.IGNORED, event, now, reason=event.type)
+            draft = self._draft(order, AuditStep.IGNORED, event, now, source, reason=event.type)
             await self._commit(
                 inbox,
                 got,
@@ -937,7 +955,8 @@ class AsyncGuard:
         transition = apply(order.state, observation)
         # The transition names its own steps: ignored_stale and rejected included.
         drafts = tuple(
-            self._draft(order, step, event, now, transition=transition) for step in transition.steps
+            self._draft(order, step, event, now, source, transition=transition)
+            for step in transition.steps
         )
         new_state = transition.after if transition.changed else None
         effects = self._effects_for(order, transition)
@@ -993,6 +1012,7 @@ class AsyncGuard:
         step: AuditStep,
         event: StripeEvent,
         at: datetime,
+        source: AuditSource,
         *,
         transition: Transition | None = None,
         reason: str | None = None,
@@ -1007,7 +1027,7 @@ class AsyncGuard:
             tenant=order.tenant,
             order_id=order.order_id,
             step=step,
-            source=AuditSource.WEBHOOK,
+            source=source,
             at=at,
             from_status=order.state.status.value,
             to_status=(transition.after if transition else order.state).status.value,

@@ -788,9 +788,12 @@ class Guard:
         )
         return self.process_event(event, request.body)
 
-    def process_event(self, event: StripeEvent, raw: bytes) -> WebhookOutcome:
+    def process_event(
+        self, event: StripeEvent, raw: bytes, *, source: AuditSource = AuditSource.WEBHOOK
+    ) -> WebhookOutcome:
         """Record and apply an event whose signature was verified (or that came from Stripe's
-        API, as the reconciler's do); safe to call any number of times for one event."""
+        API, as the reconciler's do: ``source`` is then ``reconciler``); safe to call any
+        number of times for one event."""
         tenant, order_id = self._correlate(event)
         inbox = InboxEvent(
             account=event.account or "",
@@ -805,13 +808,13 @@ class Guard:
         )
         # A duplicate is answered from one read, before any lock: it costs nothing else.
         first = self._read(inbox, tenant)
-        if self._already_done(first, event, tenant):
+        if self._already_done(first, event, tenant, source):
             return WebhookOutcome.DUPLICATE
         if first.order is None and first.stored_status is InboxStatus.ORPHAN:
             # Kept already, and its order still does not exist: nothing to write or lock.
             log_decision(
                 AuditStep.ORPHANED,
-                source=AuditSource.WEBHOOK,
+                source=source,
                 tenant=tenant or "",
                 order_id=order_id,
                 event_id=event.id,
@@ -832,7 +835,7 @@ class Guard:
             # should another delivery have committed meanwhile, the compare-and-set refuses and
             # the next attempt reads again.
             got = pending.pop() if pending else self._read(inbox, tenant)
-            return self._apply_once(event, inbox, tenant, got)
+            return self._apply_once(event, inbox, tenant, got, source)
 
         try:
             return retry(attempt, attempts=self.config.commit_attempts)
@@ -861,7 +864,7 @@ class Guard:
         return self.payments.receive_event(inbox, tenant=tenant, order_id=inbox.order_id)
 
     def _already_done(
-        self, got: EventReception, event: StripeEvent, tenant: str | None
+        self, got: EventReception, event: StripeEvent, tenant: str | None, source: AuditSource
     ) -> bool:
         stored = got.event
         if stored is None or stored.status not in (InboxStatus.PROCESSED, InboxStatus.IGNORED):
@@ -869,7 +872,7 @@ class Guard:
         order = got.order
         self._note(
             AuditStep.DUPLICATE,
-            AuditSource.WEBHOOK,
+            source,
             tenant=order.tenant if order is not None else tenant or "",
             order_id=order.order_id if order is not None else stored.order_id,
             event_id=event.id,
@@ -877,17 +880,27 @@ class Guard:
         return True
 
     def _apply_once(
-        self, event: StripeEvent, inbox: InboxEvent, tenant: str | None, got: EventReception
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        tenant: str | None,
+        got: EventReception,
+        source: AuditSource,
     ) -> WebhookOutcome:
-        if self._already_done(got, event, tenant):
+        if self._already_done(got, event, tenant, source):
             # Another delivery of this event committed while this one was deciding.
             return WebhookOutcome.DUPLICATE
         if got.order is None:
-            return self._orphan(event, inbox, got, tenant)
-        return self._decide(event, inbox, got, got.order)
+            return self._orphan(event, inbox, got, tenant, source)
+        return self._decide(event, inbox, got, got.order, source)
 
     def _orphan(
-        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, tenant: str | None
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        got: EventReception,
+        tenant: str | None,
+        source: AuditSource,
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         status = InboxStatus.IGNORED if observation is None else InboxStatus.ORPHAN
@@ -905,7 +918,7 @@ class Guard:
         step = AuditStep.IGNORED if observation is None else AuditStep.ORPHANED
         log_decision(
             step,
-            source=AuditSource.WEBHOOK,
+            source=source,
             tenant=tenant or "",
             order_id=inbox.order_id,
             event_id=event.id,
@@ -914,12 +927,17 @@ class Guard:
         return WebhookOutcome.IGNORED if observation is None else WebhookOutcome.ORPHANED
 
     def _decide(
-        self, event: StripeEvent, inbox: InboxEvent, got: EventReception, order: OrderRecord
+        self,
+        event: StripeEvent,
+        inbox: InboxEvent,
+        got: EventReception,
+        order: OrderRecord,
+        source: AuditSource,
     ) -> WebhookOutcome:
         observation = observation_from_event(event)
         now = self.clock.now()
         if observation is None:
-            draft = self._draft(order, AuditStep.IGNORED, event, now, reason=event.type)
+            draft = self._draft(order, AuditStep.IGNORED, event, now, source, reason=event.type)
             self._commit(
                 inbox,
                 got,
@@ -933,7 +951,8 @@ class Guard:
         transition = apply(order.state, observation)
         # The transition names its own steps: ignored_stale and rejected included.
         drafts = tuple(
-            self._draft(order, step, event, now, transition=transition) for step in transition.steps
+            self._draft(order, step, event, now, source, transition=transition)
+            for step in transition.steps
         )
         new_state = transition.after if transition.changed else None
         effects = self._effects_for(order, transition)
@@ -989,6 +1008,7 @@ class Guard:
         step: AuditStep,
         event: StripeEvent,
         at: datetime,
+        source: AuditSource,
         *,
         transition: Transition | None = None,
         reason: str | None = None,
@@ -1003,7 +1023,7 @@ class Guard:
             tenant=order.tenant,
             order_id=order.order_id,
             step=step,
-            source=AuditSource.WEBHOOK,
+            source=source,
             at=at,
             from_status=order.state.status.value,
             to_status=(transition.after if transition else order.state).status.value,

@@ -244,7 +244,7 @@ class AsyncReconciler:
         guard = self.guard
         try:
             event = parse_event(inbox.payload, limits=guard.config.json_limits)
-            outcome = await guard.process_event(event, inbox.payload)
+            outcome = await guard.process_event(event, inbox.payload, source=AuditSource.RECONCILER)
             if outcome is WebhookOutcome.ORPHANED and inbox.payment_intent_id is not None:
                 intent = await self.gateway.retrieve_payment_intent(inbox.payment_intent_id)
                 order_id = intent.metadata.get(guard.config.order_metadata_key)
@@ -288,7 +288,8 @@ class AsyncReconciler:
                 event = parse_event(
                     raw, limits=guard.config.json_limits, livemode=guard.config.livemode
                 )
-                outcome = (await guard.process_event(event, raw)).value
+                applied = await guard.process_event(event, raw, source=AuditSource.RECONCILER)
+                outcome = applied.value
             except IdempayError as error:
                 logger.warning("an event could not be backfilled: %s", type(error).__name__)
                 outcome = "error"

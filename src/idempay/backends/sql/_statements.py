@@ -223,13 +223,6 @@ def record_statements(kind: Kind, *, bound: bool) -> RecordStatements:
     if kind is not Kind.MYSQL:
         extend = extend.returning(t.c.lease_expires_at)  # type: ignore[attr-defined]
         complete = complete.returning(*t.c)  # type: ignore[attr-defined]
-    doomed = sa.select(t.c.scope, t.c.key).where(t.c.expires_at <= now).limit(_p("limit"))
-    if kind is Kind.POSTGRESQL:
-        # Two purgers (or a purger and a claim) never wait on each other's rows.
-        doomed = doomed.with_for_update(skip_locked=True)
-    # The LIMIT sits in a derived table: MySQL refuses it in an IN subquery, and refuses a
-    # subquery on the table being deleted from unless it is materialised.
-    batch = doomed.subquery()
     return RecordStatements(
         claim=claim,
         claim_returns_rows=returns,
@@ -252,9 +245,8 @@ def record_statements(kind: Kind, *, bound: bool) -> RecordStatements:
         .values(state=_UNKNOWN, lease_token=None, lease_expires_at=None),
         discard=sa.delete(t).where(_owned()),
         get=sa.select(*t.c).where(by_key, t.c.expires_at > now),
-        purge=sa.delete(t).where(
-            sa.tuple_(t.c.scope, t.c.key).in_(sa.select(batch.c.scope, batch.c.key))
-        ),
+        # Two purgers (or a purger and a claim) never wait on each other's rows.
+        purge=sa.delete(t).where(_bounded(kind, t, t.c.expires_at <= now)),
     )
 
 
@@ -677,7 +669,7 @@ def _bounded(
     """``condition``, on at most ``p_limit`` rows (the first in ``order``): the WHERE clause of
     a bounded UPDATE or DELETE.
 
-    The LIMIT sits in a derived table, as in ``purge_expired``: MySQL refuses it in an IN
+    The LIMIT sits in a derived table: MySQL refuses it in an IN
     subquery, and refuses a subquery on the table being changed unless it is materialised.
     The condition is repeated outside, so that a row changed since the batch was read is left
     alone (MySQL reads it without a lock). On PostgreSQL the batch skips rows locked by
