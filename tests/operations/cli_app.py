@@ -1,10 +1,10 @@
 """A shop's guard as ``idempay ... --app cli_app:build`` loads it in the CLI's tests.
 
 It comes from the same environment as the commands (``IDEMPAY_DATABASE_URL``,
-``STRIPE_API_KEY``, ``STRIPE_API_BASE``, ``STRIPE_WEBHOOK_SECRET``) and registers one effect,
+``STRIPE_API_KEY``, ``STRIPE_API_BASE``, ``STRIPE_WEBHOOK_SECRET``) and registers two effects,
 ``receipt`` on ``paid``, which appends its dedup key to the file named by
-``IDEMPAY_TEST_EFFECT_LOG``: one line per run, so that a test counts the runs of each effect
-across processes.
+``IDEMPAY_TEST_EFFECT_LOG``, and ``refund_notice`` on ``refunded``, which does the same: one
+line per run, so that a test counts the runs of each effect across processes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from idempay.gateway import StripeGateway
 
 EFFECT_LOG = "IDEMPAY_TEST_EFFECT_LOG"
 RECEIPT = "receipt"
+REFUND_NOTICE = "refund_notice"
 
 
 def build() -> Guard:
@@ -32,6 +33,7 @@ def build() -> Guard:
         config=GuardConfig(webhook_secrets=secrets),
     )
     guard.effect(RECEIPT, on="paid")(record_run)
+    guard.effect(REFUND_NOTICE, on="refunded")(record_run)
     return guard
 
 

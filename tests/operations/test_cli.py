@@ -708,7 +708,7 @@ def _under_review(shop: Shop, order_id: str) -> str:
 
 def test_resolve_refunded_waits_for_the_refund_then_closes_the_review(shop: Shop, cli: Cli) -> None:
     intent = _under_review(shop, "review-refund")
-    early = cli.run("resolve", "review-refund", "--tenant", TENANT, "--refunded")
+    early = cli.run("resolve", "review-refund", "--tenant", TENANT, "--refunded", "--app", APP)
     assert early.returncode == 1, early.stdout + early.stderr
     assert "refused" in early.stderr
     assert shop.status("review-refund") is OrderStatus.NEEDS_REVIEW
@@ -718,21 +718,24 @@ def test_resolve_refunded_waits_for_the_refund_then_closes_the_review(shop: Shop
     assert cli.run(*RECONCILE_NOW, "--no-effects").returncode == 0
     assert shop.order("review-refund")[0] is OrderStatus.NEEDS_REVIEW
 
-    done = cli.json("resolve", "review-refund", "--tenant", TENANT, "--refunded")
+    done = cli.json("resolve", "review-refund", "--tenant", TENANT, "--refunded", "--app", APP)
     assert done == {
         "tenant": TENANT,
         "order_id": "review-refund",
         "status": "refunded",
         "amount_refunded": 2500,
     }
-    again = cli.run("resolve", "review-refund", "--tenant", TENANT, "--refunded")
+    again = cli.run("resolve", "review-refund", "--tenant", TENANT, "--refunded", "--app", APP)
     assert again.returncode == 0, again.stderr  # a repeat changes nothing
     with shop.payments.transaction() as tx:
         trail = tx.audit_trail(TENANT, "review-refund")
     steps = [(e.step.value, e.source.value) for e in trail]
     assert ("rejected", "operator") in steps  # the early attempt, refused and audited
     assert steps[-1] == ("refunded", "operator")
-    assert cli.effect_runs() == []
+    effects = shop.payments.effects_for(TENANT, "review-refund")  # type: ignore[attr-defined]
+    assert [(e.effect, e.discriminator) for e in effects] == [("refund_notice", "refund:2500")]
+    assert cli.run("outbox", "run", "--app", APP).returncode == 0
+    assert len(cli.effect_runs()) == 1
 
 
 def test_resolve_keep_honours_the_order_with_its_effect(shop: Shop, cli: Cli) -> None:

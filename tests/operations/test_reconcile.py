@@ -15,8 +15,10 @@ import os
 import secrets
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -468,3 +470,49 @@ async def test_the_async_reconciler_runs_as_a_worker_until_stopped(
     assert order is not None
     assert order.state.status is OrderStatus.PAID
     assert receipts == [o]
+
+
+# --- localstripe --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_w13_against_localstripe_a_checkout_that_died_is_paid_once(
+    backend: str, request: pytest.FixtureRequest, localstripe_url: str, tmp_path: Path
+) -> None:
+    """localstripe as Stripe: it sends no webhook here, has no events list (no backfill) and
+    ignores idempotency keys, so whatever pays the order once is idempay's own doing."""
+    url = (
+        f"sqlite:///{tmp_path / 'ls.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("own_postgres_url")
+    )
+    server = SimpleNamespace(api_key="sk_test_idempay_reconcile", url=localstripe_url)
+    shop = Shop(url, server)  # type: ignore[arg-type]
+    try:
+        o = shop.oid("ls")
+
+        def crash() -> None:
+            raise CrashError
+
+        # The checkout dies after creating the PaymentIntent, before recording it...
+        shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_STRIPE, crash)
+        with pytest.raises(CrashError):
+            shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+        (intent,) = shop.gateway.find_payment_intents(order_id=o)
+        # ... and the customer's browser confirms it: only a webhook would tell.
+        client = stripe.StripeClient(server.api_key, base_addresses={"api": server.url})
+        client.v1.payment_intents.confirm(intent.id)
+        assert shop.status(o) is OrderStatus.CREATED
+
+        config = replace(NOW, backfill=False)
+        report = shop.reconcile(config)
+        assert [(c.result, c.after) for c in report.checks] == [(Checked.CHANGED, OrderStatus.PAID)]
+        assert shop.reconcile(config).checks == []
+        shop.dispatch()
+        assert shop.receipts == Counter({o: 1})
+        assert [pi.id for pi in shop.gateway.find_payment_intents(order_id=o)] == [intent.id]
+        retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+        assert (retry.status, retry.json()["status"]) == (201, "paid")
+        assert [pi.id for pi in shop.gateway.find_payment_intents(order_id=o)] == [intent.id]
+    finally:
+        shop.close()

@@ -226,9 +226,10 @@ def _resolve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "An order goes to needs_review when money does not fit it (paid after a cancel, another "
         "amount or currency, a second PaymentIntent) and stays there until someone decides. "
         "--keep: the payment is kept and the order honoured (paid, with its fulfilment "
-        "effects: give --app). --refunded: the customer was refunded in full at Stripe (the "
-        "refund must show in 'idempay inspect' first) and the order becomes refunded. The "
-        "decision is audited with source 'operator'; exit code 1 when it is refused.",
+        "effects). --refunded: the customer was refunded in full at Stripe (the "
+        "refund must show in 'idempay inspect' first) and the order becomes refunded, with its "
+        "refund effect. Give --app, so that these effects are enqueued. The decision is "
+        "audited with source 'operator'; exit code 1 when it is refused.",
     )
     cmd.add_argument("order_id", metavar="ORDER_ID")
     cmd.add_argument("--tenant", default="", help="the order's tenant (default: none)")
@@ -260,7 +261,9 @@ def _outbox_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
         "effect_max_attempts. Safe with any number of dispatchers. Exit code 1 if an effect "
         "was dead-lettered.",
     )
-    run.add_argument("--limit", type=_positive, default=100, metavar="N", help="effects per round")
+    run.add_argument(
+        "--limit", type=_positive, default=100, metavar="N", help="effects per round (100)"
+    )
     run.add_argument("--loop", action="store_true", help="keep running until stopped")
     run.add_argument(
         "--interval",
@@ -306,13 +309,25 @@ def _purge_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "pending or dead effects. Safe to run daily alongside the application.",
     )
     cmd.add_argument(
-        "--events", type=duration, default=duration("30d"), metavar="DURATION", help="(30d)"
+        "--events",
+        type=duration,
+        default=duration("30d"),
+        metavar="DURATION",
+        help="keep handled inbox events this long (default 30d, at least 3d)",
     )
     cmd.add_argument(
-        "--effects", type=duration, default=duration("30d"), metavar="DURATION", help="(30d)"
+        "--effects",
+        type=duration,
+        default=duration("30d"),
+        metavar="DURATION",
+        help="keep done effects this long (default 30d, at least 3d)",
     )
     cmd.add_argument(
-        "--journal", type=duration, default=duration("90d"), metavar="DURATION", help="(90d)"
+        "--journal",
+        type=duration,
+        default=duration("90d"),
+        metavar="DURATION",
+        help="keep journal entries this long (default 90d, at least 1d)",
     )
     _common(cmd, app=False)
     cmd.set_defaults(run=purge_command)

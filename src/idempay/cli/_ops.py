@@ -417,7 +417,7 @@ def purge_command(args: argparse.Namespace) -> int:
 
 def resolve(args: argparse.Namespace) -> int:
     keep = bool(args.keep)
-    guard = guard_for(args, gateway=False, effects=keep)
+    guard = guard_for(args, gateway=False, effects=True)
 
     def sync(g: Guard) -> Any:
         return g.resolve_review(args.order_id, tenant=args.tenant, keep=keep)
