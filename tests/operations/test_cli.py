@@ -23,23 +23,18 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import stripe
+from storefront import Storefront
 
-from idempay.backends import idempotency_store_from_url, payment_store_from_url
-from idempay.backends.sql import metadata, upgrade
+from idempay.backends.sql import metadata
 from idempay.core.audit import verify_trail
 from idempay.core.models import InboxEvent, InboxStatus
 from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.signature import sign_payload
 from idempay.engine import (
-    CheckoutRequest,
     EffectContext,
-    Guard,
     GuardConfig,
     GuardRequest,
-    OrderSpec,
 )
-from idempay.gateway import StripeGateway
 from idempay.testing.simulator import DeliveryPolicy, StripeSimulator, WebhookEndpoint
 
 HERE = Path(__file__).resolve().parent
@@ -62,70 +57,25 @@ class EffectFailedError(Exception):
     """An effect of the shop that fails (until an operator fixes its cause)."""
 
 
-class Shop:
-    """The application: a guard on a real database, paying through the simulator.
-
-    Its ``receipt`` effect fails for the orders in ``failing`` and is dead-lettered at its
-    first failure (``effect_max_attempts=1``).
-    """
+class Shop(Storefront):
+    """The storefront on the simulator. Its ``receipt`` effect fails for the orders in
+    ``failing`` and is dead-lettered at its first failure (``effect_max_attempts=1``)."""
 
     def __init__(self, url: str, sim: StripeSimulator) -> None:
-        upgrade(url)
-        self.url = url
-        self.sim = sim
-        self.payments = payment_store_from_url(url)
-        self.records = idempotency_store_from_url(url)
-        self.gateway = StripeGateway.from_settings(sim.api_key, api_base=sim.url)
-        self.guard = Guard(
-            payments=self.payments,
-            records=self.records,
-            gateway=self.gateway,
+        super().__init__(
+            url,
+            api_key=sim.api_key,
+            api_base=sim.url,
+            tenant=TENANT,
             config=GuardConfig(webhook_secrets=(SECRET,), effect_max_attempts=1),
         )
+        self.sim = sim
         self.failing: set[str] = set()
-        self.stripe = stripe.StripeClient(
-            sim.api_key, base_addresses={"api": sim.url}, max_network_retries=0
-        )
 
         @self.guard.effect(RECEIPT, on="paid")
         def receipt(effect: EffectContext) -> None:
             if effect.order_id in self.failing:
                 raise EffectFailedError
-
-        @self.guard.checkout()
-        def checkout(request: CheckoutRequest) -> OrderSpec:
-            return OrderSpec(
-                order_id=request.fields.identifier("order_id"),
-                amount=2500,
-                currency="eur",
-            )
-
-        self.endpoint = checkout
-
-    def close(self) -> None:
-        self.gateway.close()
-        self.payments.close()  # type: ignore[attr-defined]
-        self.records.close()  # type: ignore[attr-defined]
-
-    def awaiting(self, order_id: str) -> str:
-        """Check out ``order_id`` (idempotency key ``k-ORDER``); return its PaymentIntent."""
-        response = self.endpoint(
-            GuardRequest(
-                method="POST",
-                route="/checkout",
-                body=json.dumps({"order_id": order_id}).encode(),
-                headers={"Content-Type": "application/json", "Idempotency-Key": f"k-{order_id}"},
-                tenant=TENANT,
-                user="u1",
-            )
-        )
-        assert response.status == 201, response.body
-        assert response.json()["status"] == "awaiting_payment"
-        return str(response.json()["payment_intent_id"])
-
-    def pay_in_browser(self, intent_id: str) -> None:
-        """What Stripe.js does: the customer confirms; only a (dropped) webhook would tell."""
-        self.stripe.v1.payment_intents.confirm(intent_id, params={"payment_method": "pm_card_visa"})
 
     def paid_in_browser(self, order_id: str) -> str:
         """An order checked out and paid, whose webhook was dropped; its PaymentIntent."""
@@ -170,9 +120,6 @@ class Shop:
         assert order is not None
         assert verify_trail(trail).ok
         return order.state.status, order.version, len(trail)
-
-    def status(self, order_id: str) -> OrderStatus:
-        return self.order(order_id)[0]
 
     def charges(self, intent_id: str) -> int:
         return sum(1 for c in self.sim.charges() if c["payment_intent"] == intent_id)

@@ -22,27 +22,21 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import stripe
+from storefront import Storefront
 
 from idempay import parse_event
 from idempay.backends import (
     async_payment_store_from_url,
-    idempotency_store_from_url,
     payment_store_from_url,
 )
-from idempay.backends.sql import upgrade
-from idempay.core.audit import AuditSource, AuditStep, verify_trail
+from idempay.core.audit import AuditSource, AuditStep
 from idempay.core.orders import OrderStatus
 from idempay.engine import (
     AsyncGuard,
-    CheckoutRequest,
     EffectContext,
     FaultPoint,
     Guard,
     GuardConfig,
-    GuardRequest,
-    GuardResponse,
-    OrderSpec,
 )
 from idempay.gateway import AsyncStripeGateway, StripeGateway
 from idempay.operations import AsyncReconciler, Checked, ReconcileConfig, Reconciler
@@ -61,22 +55,18 @@ class CrashError(Exception):
     """Stands for a process that died at a fault point."""
 
 
-class Shop:
-    """A guard on a real database, paying through the simulator, with a receipt effect that
-    counts its runs per order."""
+class Shop(Storefront):
+    """The storefront on the simulator, with a receipt effect that counts its runs per order."""
 
     def __init__(self, url: str, sim: StripeSimulator) -> None:
-        upgrade(url)
-        self.sim = sim
-        self.payments = payment_store_from_url(url)
-        self.records = idempotency_store_from_url(url)
-        self.gateway = StripeGateway.from_settings(sim.api_key, api_base=sim.url)
-        self.guard = Guard(
-            payments=self.payments,
-            records=self.records,
-            gateway=self.gateway,
+        super().__init__(
+            url,
+            api_key=sim.api_key,
+            api_base=sim.url,
+            tenant=TENANT,
             config=GuardConfig(webhook_secrets=(SECRET,)),
         )
+        self.sim = sim
         self.receipts: Counter[str] = Counter()
         self.tag = secrets.token_hex(3)
 
@@ -84,60 +74,9 @@ class Shop:
         def receipt(effect: EffectContext) -> None:
             self.receipts[effect.order_id] += 1
 
-        @self.guard.checkout()
-        def checkout(request: CheckoutRequest) -> OrderSpec:
-            return OrderSpec(
-                order_id=request.fields.identifier("order_id"),
-                amount=2500,
-                currency="eur",
-                payment_method=request.fields.optional_identifier("payment_method"),
-            )
-
-        self.endpoint = checkout
-
     def oid(self, name: str) -> str:
         """An order id of this test's own (a database may be shared by several tests)."""
         return f"{name}-{self.tag}"
-
-    def close(self) -> None:
-        self.gateway.close()
-        self.payments.close()  # type: ignore[attr-defined]
-        self.records.close()  # type: ignore[attr-defined]
-
-    def checkout(
-        self, order_id: str, *, key: str, payment_method: str | None = None
-    ) -> GuardResponse:
-        body: dict[str, Any] = {"order_id": order_id}
-        if payment_method is not None:
-            body["payment_method"] = payment_method
-        return self.endpoint(
-            GuardRequest(
-                method="POST",
-                route="/checkout",
-                body=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json", "Idempotency-Key": key},
-                tenant=TENANT,
-                user="u1",
-            )
-        )
-
-    def pay_in_browser(self, intent_id: str, method: str = "pm_card_visa") -> None:
-        """What Stripe.js does: the customer confirms the PaymentIntent; only a webhook would
-        tell the server, and every webhook is dropped."""
-        client = stripe.StripeClient(self.sim.api_key, base_addresses={"api": self.sim.url})
-        client.v1.payment_intents.confirm(intent_id, params={"payment_method": method})
-
-    def status(self, order_id: str) -> OrderStatus:
-        with self.payments.transaction() as tx:
-            order = tx.get_order(TENANT, order_id)
-        assert order is not None
-        return order.state.status
-
-    def trail(self, order_id: str) -> list[tuple[AuditStep, AuditSource]]:
-        with self.payments.transaction() as tx:
-            entries = tx.audit_trail(TENANT, order_id)
-        assert verify_trail(entries).ok
-        return [(e.step, e.source) for e in entries]
 
     def reconcile(self, config: ReconcileConfig = NOW) -> Any:
         return Reconciler(self.guard, config=config).run_once()
@@ -170,16 +109,9 @@ def shop(request: pytest.FixtureRequest, sim: StripeSimulator, tmp_path: Path) -
     shop.close()
 
 
-def _awaiting(shop: Shop, order_id: str) -> str:
-    response = shop.checkout(order_id, key=f"k-{order_id}")
-    assert response.status == 201, response.body
-    assert response.json()["status"] == "awaiting_payment"
-    return str(response.json()["payment_intent_id"])
-
-
 def test_w13_a_webhook_that_never_arrives_is_made_up_for_once(shop: Shop) -> None:
     o = shop.oid("w13")
-    intent = _awaiting(shop, o)
+    intent = shop.awaiting(o)
     shop.pay_in_browser(intent)
     assert shop.status(o) is OrderStatus.AWAITING_PAYMENT  # the webhook was dropped
 
@@ -209,7 +141,7 @@ def test_w13_a_webhook_that_never_arrives_is_made_up_for_once(shop: Shop) -> Non
 
 def test_w13_the_backfill_applies_undelivered_events(shop: Shop) -> None:
     o = shop.oid("bf")
-    intent = _awaiting(shop, o)
+    intent = shop.awaiting(o)
     shop.pay_in_browser(intent)
     only_backfill = ReconcileConfig(older_than=timedelta(0), max_orders=0, max_events=0)
 
@@ -229,7 +161,7 @@ def test_w13_the_backfill_applies_undelivered_events(shop: Shop) -> None:
 @pytest.mark.parametrize("succeed", [True, False], ids=["clears", "bounces"])
 def test_a_bank_debit_processing_for_days_is_never_canceled(shop: Shop, succeed: bool) -> None:
     o = shop.oid("debit")
-    intent = _awaiting(shop, o)
+    intent = shop.awaiting(o)
     shop.pay_in_browser(intent, "pm_sepa_debit")
 
     for _day in range(7):
@@ -257,7 +189,7 @@ def test_a_charge_whose_answer_was_lost_is_finished_by_the_reconciler(shop: Shop
     o = shop.oid("lost")
     # Stripe charges the card, and the connection drops before the answer: unknown outcome.
     shop.sim.reset_next("/v1/payment_intents/*/confirm")
-    lost = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    lost = shop.checkout(o, payment_method="pm_card_visa")
     assert lost.status == 503, lost.body
     assert shop.status(o) is OrderStatus.AWAITING_PAYMENT
 
@@ -267,7 +199,7 @@ def test_a_charge_whose_answer_was_lost_is_finished_by_the_reconciler(shop: Shop
     assert len(shop.charges(intent)) == 1
 
     # The customer's retry finds the order paid: the same answer, no second charge.
-    retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    retry = shop.checkout(o, payment_method="pm_card_visa")
     assert retry.status == 201, retry.body
     assert retry.json()["status"] == "paid"
     assert len(shop.charges(intent)) == 1
@@ -288,7 +220,7 @@ def test_a_checkout_that_died_before_recording_its_intent_is_found_by_metadata(
 
     shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_STRIPE, crash)
     with pytest.raises(CrashError):
-        shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+        shop.checkout(o, payment_method="pm_card_visa")
     assert shop.status(o) is OrderStatus.CREATED  # the PaymentIntent was never recorded
 
     report = shop.reconcile()
@@ -296,7 +228,7 @@ def test_a_checkout_that_died_before_recording_its_intent_is_found_by_metadata(
         (Checked.CHANGED, OrderStatus.AWAITING_PAYMENT)
     ]
     # Never confirmed by the reconciler: that is the customer's call. Their retry pays once.
-    retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+    retry = shop.checkout(o, payment_method="pm_card_visa")
     assert retry.status == 201, retry.body
     assert retry.json()["status"] == "paid"
     (intent,) = [pi["id"] for pi in shop.sim.payment_intents()]
@@ -311,7 +243,7 @@ def test_an_order_whose_checkout_never_reached_stripe_is_left_alone(shop: Shop) 
 
     shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_ORDER, crash)
     with pytest.raises(CrashError):
-        shop.checkout(o, key=f"k-{o}")
+        shop.checkout(o)
     report = shop.reconcile()
     assert [(c.result, c.after) for c in report.checks] == [
         (Checked.NO_PAYMENT, OrderStatus.CREATED)
@@ -321,7 +253,7 @@ def test_an_order_whose_checkout_never_reached_stripe_is_left_alone(shop: Shop) 
 
 def test_orders_younger_than_the_threshold_wait(shop: Shop) -> None:
     o = shop.oid("young")
-    intent = _awaiting(shop, o)
+    intent = shop.awaiting(o)
     shop.pay_in_browser(intent)
     patient = ReconcileConfig(older_than=timedelta(hours=1), backfill=False)
     assert shop.reconcile(patient).checks == []
@@ -330,7 +262,7 @@ def test_orders_younger_than_the_threshold_wait(shop: Shop) -> None:
 
 def test_a_checked_order_waits_for_its_next_check(shop: Shop) -> None:
     o = shop.oid("wait")
-    _awaiting(shop, o)
+    shop.awaiting(o)
     backoff = ReconcileConfig(older_than=timedelta(0), backfill=False)
     assert [c.result for c in shop.reconcile(backoff).checks] == [Checked.UNCHANGED]
     assert shop.reconcile(backoff).checks == []  # rechecked after recheck_min, not at once
@@ -382,7 +314,7 @@ def test_two_reconcilers_and_two_dispatchers_each_handle_a_row_once(
     orders = [f"race-{i}" for i in range(24)]
     try:
         for order_id in orders:
-            shop.pay_in_browser(_awaiting(shop, order_id))
+            shop.pay_in_browser(shop.awaiting(order_id))
     finally:
         shop.close()
 
@@ -438,7 +370,7 @@ async def test_the_async_reconciler_runs_as_a_worker_until_stopped(
     shop = Shop(url, sim)  # the sync shop takes the order; the async guard reconciles it
     try:
         o = shop.oid("async")
-        shop.pay_in_browser(_awaiting(shop, o))
+        shop.pay_in_browser(shop.awaiting(o))
     finally:
         shop.close()
 
@@ -497,11 +429,10 @@ def test_w13_against_localstripe_a_checkout_that_died_is_paid_once(
         # The checkout dies after creating the PaymentIntent, before recording it...
         shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_STRIPE, crash)
         with pytest.raises(CrashError):
-            shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+            shop.checkout(o, payment_method="pm_card_visa")
         (intent,) = shop.gateway.find_payment_intents(order_id=o)
         # ... and the customer's browser confirms it: only a webhook would tell.
-        client = stripe.StripeClient(server.api_key, base_addresses={"api": server.url})
-        client.v1.payment_intents.confirm(intent.id)
+        shop.stripe.v1.payment_intents.confirm(intent.id)
         assert shop.status(o) is OrderStatus.CREATED
 
         config = replace(NOW, backfill=False)
@@ -511,7 +442,7 @@ def test_w13_against_localstripe_a_checkout_that_died_is_paid_once(
         shop.dispatch()
         assert shop.receipts == Counter({o: 1})
         assert [pi.id for pi in shop.gateway.find_payment_intents(order_id=o)] == [intent.id]
-        retry = shop.checkout(o, key=f"k-{o}", payment_method="pm_card_visa")
+        retry = shop.checkout(o, payment_method="pm_card_visa")
         assert (retry.status, retry.json()["status"]) == (201, "paid")
         assert [pi.id for pi in shop.gateway.find_payment_intents(order_id=o)] == [intent.id]
     finally:
