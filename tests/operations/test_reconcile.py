@@ -16,7 +16,7 @@ import secrets
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +29,7 @@ from idempay.backends import (
     async_payment_store_from_url,
     payment_store_from_url,
 )
+from idempay.clock import FrozenClock
 from idempay.core.audit import AuditSource, AuditStep
 from idempay.core.orders import OrderStatus
 from idempay.engine import (
@@ -266,6 +267,23 @@ def test_a_checked_order_waits_for_its_next_check(shop: Shop) -> None:
     backoff = ReconcileConfig(older_than=timedelta(0), backfill=False)
     assert [c.result for c in shop.reconcile(backoff).checks] == [Checked.UNCHANGED]
     assert shop.reconcile(backoff).checks == []  # rechecked after recheck_min, not at once
+
+
+def test_an_order_abandoned_by_its_customer_is_parked_but_a_debit_never(shop: Shop) -> None:
+    gone, debit = shop.oid("gone"), shop.oid("slow-debit")
+    shop.awaiting(gone)
+    shop.pay_in_browser(shop.awaiting(debit), "pm_sepa_debit")
+    shop.guard.clock = FrozenClock(datetime.now(UTC) + timedelta(days=31))
+
+    report = shop.reconcile()
+    assert sorted((c.order_id, c.result, c.after) for c in report.checks) == sorted(
+        [
+            (gone, Checked.ABANDONED, OrderStatus.AWAITING_PAYMENT),
+            (debit, Checked.CHANGED, OrderStatus.PROCESSING),
+        ]
+    )
+    # Parked for good, even with every recheck due at once; the debit stays watched.
+    assert [(c.order_id, c.result) for c in shop.reconcile().checks] == [(debit, Checked.UNCHANGED)]
 
 
 # --- several processes --------------------------------------------------------------------

@@ -34,6 +34,7 @@ from idempay.core.orders import (
     ReviewResolved,
     Transition,
     apply,
+    moved,
     new_order,
     phase_for_event_type,
     phase_for_intent_status,
@@ -1072,3 +1073,10 @@ def test_a_decision_without_an_open_review(
     refunded = {"amount_refunded": 400} if status is S.PARTIALLY_REFUNDED else {}
     t = apply(order(status, **refunded), ReviewResolved(keep=keep))
     assert (t.outcome, t.reason, t.effects) == (outcome, "no review open", ())
+
+
+def test_moved_ignores_a_refreshed_observation_time() -> None:
+    state = order(S.PROCESSING, observed_at=5)
+    assert not moved(state, replace(state, observed_at=9))
+    assert moved(state, replace(state, status=S.PAID))
+    assert moved(state, replace(state, payment_intent_id=PI))

@@ -65,6 +65,7 @@ __all__ = [
     "ReviewResolved",
     "Transition",
     "apply",
+    "moved",
     "new_order",
     "phase_for_event_type",
     "phase_for_intent_status",
@@ -533,6 +534,12 @@ def apply(state: OrderState, observation: Observation) -> Transition:
             return _apply_resolution(state, keep=observation.keep)
         case _:
             assert_never(observation)
+
+
+def moved(before: OrderState, after: OrderState) -> bool:
+    """Whether ``after`` says more than ``before`` beyond the time of the latest observation
+    (a poll that finds a debit still processing only refreshes that time)."""
+    return replace(after, observed_at=before.observed_at) != before
 
 
 def _applied(

@@ -48,6 +48,7 @@ from idempay.core.orders import (
     ReviewResolved,
     Transition,
     apply,
+    moved,
     new_order,
 )
 from idempay.core.records import (
@@ -588,7 +589,7 @@ class AsyncGuard:
                 return order
             intent = found
         updated = await self._apply_intent(order, intent, source=source)
-        if updated.version == order.version:
+        if not moved(order.state, updated.state):
             await self._note(
                 AuditStep.CHECKED,
                 source,

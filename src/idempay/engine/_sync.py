@@ -47,6 +47,7 @@ from idempay.core.orders import (
     ReviewResolved,
     Transition,
     apply,
+    moved,
     new_order,
 )
 from idempay.core.records import (
@@ -584,7 +585,7 @@ class Guard:
                 return order
             intent = found
         updated = self._apply_intent(order, intent, source=source)
-        if updated.version == order.version:
+        if not moved(order.state, updated.state):
             self._note(
                 AuditStep.CHECKED,
                 source,

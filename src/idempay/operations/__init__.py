@@ -11,6 +11,7 @@ from idempay.operations._async import AsyncReconciler, async_purge
 from idempay.operations._config import (
     BACKFILL_EVENT_TYPES,
     UNSETTLED_STATUSES,
+    WAITING_STATUSES,
     ReconcileConfig,
     Retention,
 )
@@ -20,6 +21,7 @@ from idempay.operations._sync import Reconciler, purge
 __all__ = [
     "BACKFILL_EVENT_TYPES",
     "UNSETTLED_STATUSES",
+    "WAITING_STATUSES",
     "AsyncReconciler",
     "Checked",
     "OrderCheck",

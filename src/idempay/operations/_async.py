@@ -14,11 +14,12 @@ import logging
 
 # import threading  # unasync: sync-only
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Final, Protocol
 
 from idempay.core.audit import AuditSource
 from idempay.core.events import parse_event
 from idempay.core.models import InboxEvent, OrderRecord
+from idempay.core.orders import moved
 from idempay.engine import AsyncGuard, WebhookOutcome
 from idempay.errors import (
     ConfigurationError,
@@ -33,6 +34,7 @@ from idempay.observability import notify_orders, notify_outbox, notify_reconcile
 from idempay.operations._config import (
     BACKFILL_EVENT_TYPES,
     UNRESOLVED_EVENTS,
+    WAITING_STATUSES,
     ReconcileConfig,
     Retention,
 )
@@ -42,6 +44,9 @@ from idempay.protocols import AsyncIdempotencyStore, AsyncMaintenanceStore
 __all__ = ["AsyncReconciler", "async_purge"]
 
 logger = logging.getLogger(__name__)
+
+_PARKED: Final = timedelta(days=36500)
+"""The next check of an abandoned order: never, in practice."""
 
 
 def _quiet(_stage: str, _done: int, _total: int | None) -> None:
@@ -183,7 +188,7 @@ class AsyncReconciler:
                 await self._schedule_order(order, self.config.recheck_min)
                 notify_reconciled(check.result.value, 1)
                 return check
-            if updated.version != order.version:
+            if moved(order.state, updated.state):
                 result = Checked.CHANGED
             elif updated.state.payment_intent_id is None:
                 result = Checked.NO_PAYMENT
@@ -196,7 +201,17 @@ class AsyncReconciler:
                 before.value,
                 updated.state.status.value,
             )
-        await self._schedule_order(order, self._recheck(order.created_at))
+        after = self._recheck(order.created_at)
+        if (
+            updated.state.status in WAITING_STATUSES
+            and self.guard.clock.now() - order.created_at > self.config.abandoned_after
+        ):
+            # Still waiting for its customer at Stripe too, after all this time: parked. Its
+            # next check is put out of reach rather than its row touched otherwise.
+            after = _PARKED
+            if result is not Checked.CHANGED:
+                result = Checked.ABANDONED
+        await self._schedule_order(order, after)
         notify_reconciled(result.value, 1)
         return OrderCheck(order.tenant, order.order_id, before, updated.state.status, result)
 

@@ -16,19 +16,23 @@ __all__ = [
     "MIN_JOURNAL_RETENTION",
     "UNRESOLVED_EVENTS",
     "UNSETTLED_STATUSES",
+    "WAITING_STATUSES",
     "ReconcileConfig",
     "Retention",
 ]
 
-UNSETTLED_STATUSES: Final = (
+WAITING_STATUSES: Final = (
     OrderStatus.CREATED,
     OrderStatus.AWAITING_PAYMENT,
     OrderStatus.ACTION_REQUIRED,
-    OrderStatus.PROCESSING,
-    OrderStatus.AUTHORIZED,
+    OrderStatus.PAYMENT_FAILED,
 )
-"""The statuses whose outcome is still open at Stripe: the reconciler checks these orders.
-``created`` covers checkouts that died (or got no clear answer) around their Stripe call."""
+"""The statuses of an order that waits for its customer (to pay, to authenticate, to try
+again after a failure). ``created`` also covers checkouts that died, or got no clear answer,
+around their Stripe call."""
+
+UNSETTLED_STATUSES: Final = (*WAITING_STATUSES, OrderStatus.PROCESSING, OrderStatus.AUTHORIZED)
+"""The statuses whose outcome is still open at Stripe: the reconciler checks these orders."""
 
 UNRESOLVED_EVENTS: Final = (InboxStatus.ORPHAN, InboxStatus.FAILED, InboxStatus.RECEIVED)
 """Inbox events not applied to an order yet."""
@@ -78,6 +82,10 @@ class ReconcileConfig:
         recheck_max: the longest; in between, the wait grows with the row's age (a quarter
             of it), so a bank debit processing for a week is asked about every few hours,
             not at every run.
+        abandoned_after: an order that Stripe still shows waiting for its customer (see
+            :data:`WAITING_STATUSES`) this long after its creation is checked no more: a late
+            payment still reaches it by webhook or by the backfill. Orders processing or
+            authorized are checked however old (a bank debit's outcome comes days later).
         backfill: also ask Stripe for the events its webhooks have not delivered yet
             (``delivery_success=false``) and apply them.
         backfill_window: how far back the backfill looks (Stripe keeps events 30 days).
@@ -92,6 +100,7 @@ class ReconcileConfig:
     lease: timedelta = timedelta(minutes=5)
     recheck_min: timedelta = timedelta(minutes=5)
     recheck_max: timedelta = timedelta(hours=6)
+    abandoned_after: timedelta = timedelta(days=30)
     backfill: bool = True
     backfill_window: timedelta = timedelta(days=7)
     backfill_pages: int = 10
@@ -103,8 +112,8 @@ class ReconcileConfig:
             raise ConfigurationError("max_orders, max_events and backfill_pages cannot be negative")
         if self.batch < 1:
             raise ConfigurationError("batch must be at least 1")
-        if self.lease <= timedelta(0) or self.backfill_window <= timedelta(0):
-            raise ConfigurationError("lease and backfill_window must be positive")
+        if min(self.lease, self.backfill_window, self.abandoned_after) <= timedelta(0):
+            raise ConfigurationError("lease, backfill_window and abandoned_after must be positive")
         if not timedelta(0) <= self.recheck_min <= self.recheck_max:
             raise ConfigurationError("recheck_min must be between zero and recheck_max")
         if not self.statuses or any(s not in UNSETTLED_STATUSES for s in self.statuses):

@@ -27,6 +27,10 @@ class Checked(StrEnum):
     who has not paid yet)."""
     NO_PAYMENT = "no_payment"
     """No PaymentIntent at Stripe names the order: its checkout never got that far."""
+    ABANDONED = "abandoned"
+    """Still waiting for its customer at Stripe longer than ``abandoned_after`` after its
+    creation: not asked about any more (a late payment still reaches it by webhook or by the
+    backfill)."""
     ERROR = "error"
     """Stripe or the store failed for this order; it is checked again at a later run."""
 
