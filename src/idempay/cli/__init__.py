@@ -130,15 +130,15 @@ def _reconcile_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         commands,
         "reconcile",
         "check unsettled orders against Stripe and apply what webhooks missed",
-        "Find the orders still open (created, awaiting payment, action required, processing, "
-        "authorized) that have not changed for --older-than, and the kept events whose order "
-        "was unknown; ask Stripe for their PaymentIntent (by id, or by metadata.order_id when "
-        "the id was never recorded) and apply it through the same state machine as the "
-        "webhooks, audited with source 'reconciler'. Then fetch the events Stripe has not "
-        "delivered yet (delivery_success=false) and apply them. Nothing is ever created, "
-        "confirmed or canceled at Stripe: a bank debit still processing stays processing. "
-        "Several reconcilers may run at once; each order is checked by one of them, and "
-        "again only after a wait that grows with its age.",
+        "Find the orders still open (created, awaiting payment, action required, payment "
+        "failed, processing, authorized) that have not changed for --older-than, and the kept "
+        "events whose order was unknown; ask Stripe for their PaymentIntent (by id, or by "
+        "metadata.order_id when the id was never recorded) and apply it through the same state "
+        "machine as the webhooks, audited with source 'reconciler'. Then fetch the events "
+        "Stripe has not delivered yet (delivery_success=false) and apply them. Nothing is ever "
+        "created, confirmed or canceled at Stripe: a bank debit still processing stays "
+        "processing. Several reconcilers may run at once; each order is checked by one of them,"
+        " and again only after a wait that grows with its age.",
     )
     cmd.add_argument(
         "--older-than",
