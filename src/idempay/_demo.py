@@ -3,10 +3,12 @@
 It starts the Stripe simulator and the example shop (``examples/fastapi/serve.sh``, several
 uvicorn workers, SQLite and the in-process lock by default), then drives a storm through real
 HTTP: every order clicked one to three times at once, bank debits released later, every webhook
-duplicated, delayed and reordered by the simulator, and one worker killed and restarted midway.
-At the end it reads every order back from the shop and every PaymentIntent and charge from the
-simulator, and checks the invariants: one PaymentIntent and at most one charge per order, the
-order's state matching Stripe's, one receipt per paid order, intact audit trails, no 5xx.
+duplicated, delayed and reordered by the simulator, some never delivered at all, and one worker
+killed and restarted midway. Then ``idempay reconcile`` makes up for the lost webhooks from
+Stripe's records. At the end it reads every order back from the shop and every PaymentIntent
+and charge from the simulator, and checks the invariants: one PaymentIntent and at most one
+charge per order, the order's state matching Stripe's, one receipt per paid order, intact audit
+trails, no 5xx.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class DemoOptions:
     database_url: str | None = None
     lock_url: str = "memory://"
     seed: int = 7
+    lose: float = 0.05
+    """The share of webhooks that never arrive (the reconciler makes up for them)."""
     kill_worker: bool = True
 
 
@@ -76,6 +80,8 @@ class DemoReport:
     effects_sent: int = 0
     audit_steps: int = 0
     workers_restarted: int = 0
+    webhooks_lost: int = 0
+    reconciled: int = 0
     seconds: float = 0.0
     violations: list[str] = field(default_factory=list)
 
@@ -95,6 +101,8 @@ class DemoReport:
             ("effects sent", self.effects_sent),
             ("audit steps", self.audit_steps),
             ("workers killed and restarted", self.workers_restarted),
+            ("webhooks never delivered", self.webhooks_lost),
+            ("orders healed by the reconciler", self.reconciled),
             ("invariant violations", len(self.violations)),
         ]
 
@@ -115,6 +123,8 @@ class DemoReport:
             "effects_sent": self.effects_sent,
             "audit_steps": self.audit_steps,
             "workers_restarted": self.workers_restarted,
+            "webhooks_lost": self.webhooks_lost,
+            "reconciled": self.reconciled,
             "seconds": f"{self.seconds:.1f}",
         }
         return " ".join(f"{key}={value}" for key, value in pairs.items())
@@ -158,6 +168,7 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> DemoReport:
     port = _free_port()
     secret = f"whsec_{secrets.token_hex(16)}"
     policy = DeliveryPolicy(
+        drop_probability=options.lose,
         duplicate_probability=1.0,
         duplicate_copies=2,
         max_delay_ms=250,
@@ -189,8 +200,8 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> DemoReport:
         ):
             out.write(
                 f"idempay demo: {options.orders} orders, {report.clicks} clicks, "
-                f"{options.workers} workers, every webhook delivered 3 times, delayed and "
-                "reordered\n"
+                f"{options.workers} workers, webhooks delivered 3 times, delayed and "
+                f"reordered, {options.lose:.0%} not at all\n"
             )
             kill_at = report.clicks // 2 if options.kill_worker else -1
             _storm(
@@ -206,10 +217,42 @@ def run_demo(options: DemoOptions, out: IO[str] | None = None) -> DemoReport:
                     sim.release_debit(order.intent, succeed=rng.random() < 0.8)
             out.write("waiting for the last webhook deliveries...\n")
             stats = sim.flush_webhooks(timeout=180)
+            report.webhooks_lost = stats.dropped
+            out.write("idempay reconcile: making up for the webhooks that never arrived...\n")
+            report.reconciled = _reconcile(find_example().parent, env, report)
             views = _settle(http, orders, _Progress(out, len(orders), "orders settled"))
             _measure(report, orders, views, sim, stats)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _reconcile(shop: Path, env: dict[str, str], report: DemoReport) -> int:
+    """Run ``idempay reconcile`` on the shop, as an operator would (with the shop's own guard,
+    so that the orders it pays get their receipt); return how many orders it changed."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idempay",
+            "reconcile",
+            "--older-than",
+            "0",
+            "--app",
+            "shop:build_guard",
+            "--json",
+        ],
+        cwd=shop,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        report.violations.append(f"idempay reconcile exited {done.returncode}: {done.stderr}")
+        return 0
+    result: dict[str, Any] = json.loads(done.stdout)
+    return int(result["results"]["changed"])
 
 
 def _plan(count: int, run: str, rng: random.Random) -> list[_Order]:

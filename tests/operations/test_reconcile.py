@@ -269,6 +269,25 @@ def test_a_checked_order_waits_for_its_next_check(shop: Shop) -> None:
     assert shop.reconcile(backoff).checks == []  # rechecked after recheck_min, not at once
 
 
+def test_a_failed_payment_polled_again_is_not_another_failure(shop: Shop) -> None:
+    o = shop.oid("declined")
+    declined = shop.checkout(o, payment_method="pm_card_chargeDeclined")
+    assert declined.json()["status"] == "payment_failed", declined.body
+    for _ in range(3):
+        assert [c.result for c in shop.reconcile().checks] == [Checked.UNCHANGED]
+    with shop.payments.transaction() as tx:
+        order = tx.get_order(TENANT, o)
+    assert order is not None
+    assert order.state.failures == 1
+    assert [step for step, _ in shop.trail(o)].count(AuditStep.FAILED) == 1
+
+    # The customer pays with another card later, and its webhook is lost: found by a poll.
+    shop.pay_in_browser(str(declined.json()["payment_intent_id"]))
+    assert [(c.result, c.after) for c in shop.reconcile().checks] == [
+        (Checked.CHANGED, OrderStatus.PAID)
+    ]
+
+
 def test_an_order_abandoned_by_its_customer_is_parked_but_a_debit_never(shop: Shop) -> None:
     gone, debit = shop.oid("gone"), shop.oid("slow-debit")
     shop.awaiting(gone)

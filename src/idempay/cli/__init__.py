@@ -99,9 +99,10 @@ def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "run the example shop under a storm of clicks and webhooks, and check it",
         "Start the Stripe simulator and the FastAPI example shop (several workers, SQLite and "
         "the in-process lock unless told otherwise), drive a storm through HTTP (double and "
-        "triple clicks, every webhook duplicated, delayed and reordered, a worker killed "
-        "midway), then check every invariant against the running system. The last line is a "
-        "key=value summary starting with violations=.",
+        "triple clicks, every webhook duplicated, delayed and reordered, some never delivered, "
+        "a worker killed midway), run 'idempay reconcile' to make up for the lost webhooks, "
+        "then check every invariant against the running system. The last line is a key=value "
+        "summary starting with violations=.",
         exit_codes=f"Exit codes: {EXIT_OK} every invariant held; {EXIT_PROBLEMS} one was "
         f"violated; {EXIT_USAGE} bad usage.",
     )
@@ -119,6 +120,13 @@ def _demo_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="lock provider: memory:// (default), redis://HOST:PORT/DB, or a PostgreSQL URL",
     )
     demo_cmd.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo_cmd.add_argument(
+        "--lose",
+        type=_percent,
+        default=5,
+        metavar="PERCENT",
+        help="webhooks that never arrive, made up for by the reconciler (default 5)",
+    )
     demo_cmd.add_argument(
         "--no-kill", action="store_true", help="do not kill a worker in the middle of the storm"
     )
@@ -371,6 +379,14 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         msg = "must be at least 1"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        msg = "a percentage from 0 to 100"
         raise argparse.ArgumentTypeError(msg)
     return value
 

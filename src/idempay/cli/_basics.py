@@ -27,6 +27,7 @@ def demo(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         lock_url=args.lock_url,
         seed=args.seed,
+        lose=args.lose / 100,
         kill_worker=not args.no_kill,
     )
     report = run_demo(options, out=out)

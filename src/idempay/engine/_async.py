@@ -588,7 +588,9 @@ class AsyncGuard:
                 )
                 return order
             intent = found
-        updated = await self._apply_intent(order, intent, source=source)
+        updated = order
+        if not _same_failure(order, intent):
+            updated = await self._apply_intent(order, intent, source=source)
         if not moved(order.state, updated.state):
             await self._note(
                 AuditStep.CHECKED,
@@ -1240,6 +1242,20 @@ _INTENT_PREFERENCE: Final = (
     "requires_confirmation",
     "requires_payment_method",
 )
+
+
+def _same_failure(order: OrderRecord, intent: PaymentIntentSnapshot) -> bool:
+    """Whether a polled PaymentIntent only shows the failure the order recorded already.
+
+    A snapshot carries no time of its own: applied, it would count as one more failed attempt
+    at every poll (and send its effect again). A new attempt that failed comes as an event, or
+    as the answer of the confirmation that made it.
+    """
+    return (
+        order.state.status is OrderStatus.PAYMENT_FAILED
+        and intent.status == "requires_payment_method"
+        and intent.last_payment_error_code is not None
+    )
 
 
 def _intent_preference(intent: PaymentIntentSnapshot) -> int:
