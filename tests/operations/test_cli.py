@@ -655,6 +655,8 @@ def _under_review(shop: Shop, order_id: str) -> str:
 
 def test_resolve_refunded_waits_for_the_refund_then_closes_the_review(shop: Shop, cli: Cli) -> None:
     intent = _under_review(shop, "review-refund")
+    shown = cli.run("inspect", "review-refund", "--tenant", TENANT)
+    assert "review     succeeded_after_cancel" in shown.stdout, shown.stdout
     early = cli.run("resolve", "review-refund", "--tenant", TENANT, "--refunded", "--app", APP)
     assert early.returncode == 1, early.stdout + early.stderr
     assert "refused" in early.stderr

@@ -91,6 +91,8 @@ def _order_text(document: dict[str, Any], check: TrailCheck) -> str:
         f"status     {document['status']}",
         f"amount     {document['amount']} {document['currency']}{refunded}",
         f"payment    {document['payment_intent_id'] or '-'}",
+        *([f"review     {document['review_reason']}"] if document["review_reason"] else []),
+        *([f"dispute    {document['dispute']}"] if document["dispute"] != "none" else []),
         "",
         "audit (* = journal: a decision that changed nothing)",
     ]

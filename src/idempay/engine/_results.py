@@ -90,6 +90,8 @@ class OrderView:
             "amount": state.amount,
             "currency": state.currency,
             "amount_refunded": state.amount_refunded,
+            "review_reason": None if state.review_reason is None else state.review_reason.value,
+            "dispute": state.dispute.value,
             "audit": _timeline(self.audit, self.decisions),
             "audit_verified": self.trail_check.ok,
             "effects": [_effect_document(entry) for entry in done],
