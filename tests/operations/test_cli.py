@@ -225,14 +225,23 @@ def test_reconcile_makes_up_for_a_missed_webhook_once_and_inspect_shows_it(
     first = cli.run(*RECONCILE_NOW, "--no-effects")
     assert first.returncode == 0, first.stderr
     assert _row(first.stdout, "w13") == [TENANT, "w13", "awaiting_payment", "paid", "changed"]
-    assert "orders checked  1 (1 changed, 0 unchanged, 0 no_payment, 0 error)" in first.stdout
+    assert (
+        "orders checked  1 (1 changed, 0 unchanged, 0 no_payment, 0 abandoned, 0 error)"
+        in first.stdout
+    )
     assert "orders now      1 paid" in first.stdout
     paid = shop.order("w13")
     assert paid[0] is OrderStatus.PAID
 
     again = cli.json(*RECONCILE_NOW, "--no-effects")
     assert again["orders_checked"] == 0  # paid: settled, not checked again
-    assert again["results"] == {"changed": 0, "unchanged": 0, "no_payment": 0, "error": 0}
+    assert again["results"] == {
+        "changed": 0,
+        "unchanged": 0,
+        "no_payment": 0,
+        "abandoned": 0,
+        "error": 0,
+    }
     assert "applied" not in again["backfill"]  # the dropped event, fetched again, is old news
     assert (again["orders"], again["errors"]) == ({"paid": 1}, 0)
     assert shop.order("w13") == paid  # no new version, no new audit step
@@ -354,7 +363,10 @@ def test_db_upgrade_on_a_fresh_file_then_reconcile(cli: Cli, tmp_path: Path) -> 
 
     done = cli.run(*RECONCILE_NOW, "--no-effects", IDEMPAY_DATABASE_URL=fresh)
     assert done.returncode == 0, done.stderr
-    assert "orders checked  0 (0 changed, 0 unchanged, 0 no_payment, 0 error)" in done.stdout
+    assert (
+        "orders checked  0 (0 changed, 0 unchanged, 0 no_payment, 0 abandoned, 0 error)"
+        in done.stdout
+    )
     assert "orders now      none" in done.stdout
 
 
