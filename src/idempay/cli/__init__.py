@@ -8,6 +8,8 @@ the examples (``IDEMPAY_DATABASE_URL``, ``IDEMPAY_APP``, ``STRIPE_API_KEY``,
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -399,9 +401,25 @@ def _natural(text: str) -> int:
     return value
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Log to stderr, as a command should: warnings (a healed order, an order to review), and
+    with ``--loop`` each run's summary too; ``IDEMPAY_LOG_LEVEL`` overrides. A program that
+    configured logging itself (calling :func:`main` in-process) keeps its own."""
+    if logging.getLogger().handlers:
+        return
+    default = "INFO" if getattr(args, "loop", False) else "WARNING"
+    level = os.environ.get("IDEMPAY_LOG_LEVEL", default).upper()
+    logging.basicConfig(
+        level=level if level in logging.getLevelNamesMapping() else default,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
+    _configure_logging(args)
     sub = getattr(args, "outbox_command", None) or getattr(args, "db_command", None)
     name = f"idempay {args.command} {sub}" if sub else f"idempay {args.command}"
     try:
