@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import secrets
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -32,12 +33,14 @@ from idempay.backends import (
 from idempay.clock import FrozenClock
 from idempay.core.audit import AuditSource, AuditStep
 from idempay.core.orders import OrderStatus
+from idempay.core.signature import sign_payload
 from idempay.engine import (
     AsyncGuard,
     EffectContext,
     FaultPoint,
     Guard,
     GuardConfig,
+    GuardRequest,
 )
 from idempay.gateway import AsyncStripeGateway, StripeGateway
 from idempay.operations import AsyncReconciler, Checked, ReconcileConfig, Reconciler
@@ -234,6 +237,49 @@ def test_a_checkout_that_died_before_recording_its_intent_is_found_by_metadata(
     assert retry.json()["status"] == "paid"
     (intent,) = [pi["id"] for pi in shop.sim.payment_intents()]
     assert len(shop.charges(intent)) == 1
+
+
+def test_a_kept_event_naming_no_order_is_applied_through_its_payment_intent(
+    shop: Shop,
+) -> None:
+    o = shop.oid("kept")
+
+    def crash() -> None:
+        raise CrashError
+
+    shop.guard.faults.arm(FaultPoint.CHECKOUT_AFTER_STRIPE, crash)
+    with pytest.raises(CrashError):
+        shop.checkout(o, payment_method="pm_card_visa")
+    (intent,) = shop.gateway.find_payment_intents(order_id=o)
+    shop.stripe.v1.payment_intents.confirm(intent.id)
+
+    # Its success arrives without the metadata that would name the order, whose PaymentIntent
+    # was never recorded: nothing to apply it to, so it is kept.
+    (event,) = [e for e in shop.sim.events() if e["type"] == "payment_intent.succeeded"]
+    event["data"]["object"]["metadata"] = {}
+    body = json.dumps(event).encode()
+    now = int(time.time())
+    kept = shop.guard.handle_webhook(
+        GuardRequest(
+            method="POST",
+            route="/stripe/webhook",
+            body=body,
+            headers={
+                "Content-Type": "application/json",
+                "Stripe-Signature": sign_payload(body, SECRET, timestamp=now),
+            },
+        )
+    )
+    assert kept.json()["outcome"] == "orphaned", kept.body
+
+    # The kept events alone (no order checks, no backfill): Stripe names the order.
+    only_events = replace(NOW, max_orders=0)
+    report = shop.reconcile(only_events)
+    assert (report.checks, dict(report.events)) == ([], {"applied": 1})
+    assert shop.status(o) is OrderStatus.PAID
+    assert shop.reconcile(only_events).events == {}  # applied: no longer kept
+    shop.dispatch()
+    assert shop.receipts == Counter({o: 1})
 
 
 def test_an_order_whose_checkout_never_reached_stripe_is_left_alone(shop: Shop) -> None:
