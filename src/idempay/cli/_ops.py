@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from idempay.cli._render import ProgressBar, print_json, table
 from idempay.core.audit import AuditSource
 from idempay.core.events import parse_event
 from idempay.core.models import OutboxBacklog
+from idempay.core.orders import OrderStatus
 from idempay.engine import AsyncGuard, DispatchReport, Guard, WebhookOutcome
 from idempay.errors import (
     ConfigurationError,
@@ -120,7 +122,7 @@ def _reconcile_text(report: ReconcileReport, *, verbose: bool) -> str:
     out.append(f"orders now      {_counts({s.value: n for s, n in sorted(report.orders.items())})}")
     if report.outbox is not None:
         out.append(f"outbox          {_backlog(report.outbox)}")
-    review = report.orders.get(_needs_review(), 0)
+    review = report.orders.get(OrderStatus.NEEDS_REVIEW, 0)
     if review:
         out.append(
             f"\n{review} order(s) need review: see docs/operations.md (needs_review runbook)"
@@ -328,8 +330,6 @@ def outbox_run(args: argparse.Namespace) -> int:
 
 
 def _env_app() -> str | None:
-    import os
-
     return os.environ.get("IDEMPAY_APP")
 
 
