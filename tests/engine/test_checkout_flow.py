@@ -7,6 +7,7 @@ localstripe ignores Stripe idempotency keys (every create makes a new PaymentInt
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -239,3 +240,27 @@ def test_wrong_method_and_media_type(shop: Shop) -> None:
         method="POST", route="/checkout", body=b"a=1", headers={"Idempotency-Key": "k"}
     )
     assert shop.checkout(request).status == 415
+
+
+def test_a_retried_transaction_is_logged_and_counted_once(
+    shop: Shop, caplog: pytest.LogCaptureFixture
+) -> None:
+    from idempay.errors import ConcurrentUpdateError
+
+    order_id = f"o-{uid()}"
+
+    def lose_a_race() -> None:
+        raise ConcurrentUpdateError("another writer got there first")
+
+    # The order's first transaction loses a race and is retried whole: its audit entry is
+    # written once, and so it must be logged (and counted by the observers) once.
+    shop.guard.faults.arm(FaultPoint.CHECKOUT_IN_ORDER_TRANSACTION, lose_a_race)
+    with caplog.at_level(logging.INFO, logger="idempay.audit"):
+        response = shop.post(
+            {"order_id": order_id, "amount": 700, "payment_method": "pm_card_visa"}
+        )
+    assert response.status == 201, response.body
+    assert shop.trail(order_id).count(AuditStep.STARTED) == 1
+    logged = [r.idempay["step"] for r in caplog.records if r.name == "idempay.audit"]  # type: ignore[attr-defined]
+    assert logged.count("started") == 1
+    assert logged.count("succeeded") == 1

@@ -480,8 +480,10 @@ class AsyncGuard:
         self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute
     ) -> OrderRecord:
         state = new_order(amount=spec.amount, currency=spec.currency).after
+        written: list[AuditDraft] = []
 
         async def work(tx: AsyncPaymentTransaction) -> OrderRecord:
+            written.clear()  # a retried attempt starts over
             record, inserted = await tx.insert_order(tenant, order_id, state)
             step = (
                 AuditStep.STARTED if inserted else AuditStep.RECOVERED if decision.resumed else None
@@ -497,11 +499,12 @@ class AsyncGuard:
                     key_digest=digest,
                 )
                 await tx.append_audit(draft)
-                log_draft(draft)
+                written.append(draft)
             self.faults.reach(FaultPoint.CHECKOUT_IN_ORDER_TRANSACTION)
             return record
 
         order = await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
         if (order.state.amount, order.state.currency) != (spec.amount, spec.currency):
             raise FingerprintMismatchError("this order exists with another amount or currency")
         return order
@@ -617,8 +620,10 @@ class AsyncGuard:
         self, order: OrderRecord, observation: Observation, source: AuditSource
     ) -> OrderRecord:
         """Apply one observation to the order's current state in one transaction."""
+        written: list[AuditDraft] = []
 
         async def work(tx: AsyncPaymentTransaction) -> OrderRecord:
+            written.clear()  # a retried attempt starts over
             current = await tx.get_order(order.tenant, order.order_id)
             if current is None:  # pragma: no cover - orders are never deleted
                 raise ConcurrentUpdateError("the order disappeared")
@@ -638,12 +643,14 @@ class AsyncGuard:
                     details={"reason": transition.reason, "outcome": transition.outcome.value},
                 )
                 await tx.append_audit(draft)
-                log_draft(draft)
+                written.append(draft)
             for effect in self._effects_for(current, transition):
                 await tx.enqueue_effect(effect)
             return updated
 
-        return await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        updated = await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
+        return updated
 
     # --- cancel ---------------------------------------------------------------------------
 
@@ -732,7 +739,10 @@ class AsyncGuard:
         return order
 
     async def _audit_unknown(self, order_id: str, tenant: str, digest: str) -> None:
+        written: list[AuditDraft] = []
+
         async def work(tx: AsyncPaymentTransaction) -> None:
+            written.clear()
             if await tx.get_order(tenant, order_id) is None:
                 return
             draft = AuditDraft(
@@ -745,9 +755,10 @@ class AsyncGuard:
                 details={"reason": "payment provider call without a clear answer"},
             )
             await tx.append_audit(draft)
-            log_draft(draft)
+            written.append(draft)
 
         await self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
 
     # --- webhooks -------------------------------------------------------------------------
 
@@ -1242,6 +1253,13 @@ _INTENT_PREFERENCE: Final = (
     "requires_confirmation",
     "requires_payment_method",
 )
+
+
+def _log_committed(drafts: list[AuditDraft]) -> None:
+    """Mirror audit entries to the log (and the observers) once their transaction committed:
+    an attempt rolled back and retried is neither logged nor counted twice."""
+    for draft in drafts:
+        log_draft(draft)
 
 
 def _same_failure(order: OrderRecord, intent: PaymentIntentSnapshot) -> bool:

@@ -476,8 +476,10 @@ class Guard:
         self, spec: OrderSpec, order_id: str, tenant: str, digest: str, decision: Execute
     ) -> OrderRecord:
         state = new_order(amount=spec.amount, currency=spec.currency).after
+        written: list[AuditDraft] = []
 
         def work(tx: PaymentTransaction) -> OrderRecord:
+            written.clear()  # a retried attempt starts over
             record, inserted = tx.insert_order(tenant, order_id, state)
             step = (
                 AuditStep.STARTED if inserted else AuditStep.RECOVERED if decision.resumed else None
@@ -493,11 +495,12 @@ class Guard:
                     key_digest=digest,
                 )
                 tx.append_audit(draft)
-                log_draft(draft)
+                written.append(draft)
             self.faults.reach(FaultPoint.CHECKOUT_IN_ORDER_TRANSACTION)
             return record
 
         order = self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
         if (order.state.amount, order.state.currency) != (spec.amount, spec.currency):
             raise FingerprintMismatchError("this order exists with another amount or currency")
         return order
@@ -613,8 +616,10 @@ class Guard:
         self, order: OrderRecord, observation: Observation, source: AuditSource
     ) -> OrderRecord:
         """Apply one observation to the order's current state in one transaction."""
+        written: list[AuditDraft] = []
 
         def work(tx: PaymentTransaction) -> OrderRecord:
+            written.clear()  # a retried attempt starts over
             current = tx.get_order(order.tenant, order.order_id)
             if current is None:  # pragma: no cover - orders are never deleted
                 raise ConcurrentUpdateError("the order disappeared")
@@ -634,12 +639,14 @@ class Guard:
                     details={"reason": transition.reason, "outcome": transition.outcome.value},
                 )
                 tx.append_audit(draft)
-                log_draft(draft)
+                written.append(draft)
             for effect in self._effects_for(current, transition):
                 tx.enqueue_effect(effect)
             return updated
 
-        return self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        updated = self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
+        return updated
 
     # --- cancel ---------------------------------------------------------------------------
 
@@ -728,7 +735,10 @@ class Guard:
         return order
 
     def _audit_unknown(self, order_id: str, tenant: str, digest: str) -> None:
+        written: list[AuditDraft] = []
+
         def work(tx: PaymentTransaction) -> None:
+            written.clear()
             if tx.get_order(tenant, order_id) is None:
                 return
             draft = AuditDraft(
@@ -741,9 +751,10 @@ class Guard:
                 details={"reason": "payment provider call without a clear answer"},
             )
             tx.append_audit(draft)
-            log_draft(draft)
+            written.append(draft)
 
         self.payments.run_transaction(work, attempts=self.config.commit_attempts)
+        _log_committed(written)
 
     # --- webhooks -------------------------------------------------------------------------
 
@@ -1238,6 +1249,13 @@ _INTENT_PREFERENCE: Final = (
     "requires_confirmation",
     "requires_payment_method",
 )
+
+
+def _log_committed(drafts: list[AuditDraft]) -> None:
+    """Mirror audit entries to the log (and the observers) once their transaction committed:
+    an attempt rolled back and retried is neither logged nor counted twice."""
+    for draft in drafts:
+        log_draft(draft)
 
 
 def _same_failure(order: OrderRecord, intent: PaymentIntentSnapshot) -> bool:
