@@ -318,27 +318,18 @@ def _purge_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "journal entries older than --journal. Orders and audit trails are never deleted, nor "
         "pending or dead effects. Safe to run daily alongside the application.",
     )
-    cmd.add_argument(
-        "--events",
-        type=duration,
-        default=duration("30d"),
-        metavar="DURATION",
-        help="keep handled inbox events this long (default 30d, at least 3d)",
-    )
-    cmd.add_argument(
-        "--effects",
-        type=duration,
-        default=duration("30d"),
-        metavar="DURATION",
-        help="keep done effects this long (default 30d, at least 3d)",
-    )
-    cmd.add_argument(
-        "--journal",
-        type=duration,
-        default=duration("90d"),
-        metavar="DURATION",
-        help="keep journal entries this long (default 90d, at least 1d)",
-    )
+    for flag, what, default, floor in (
+        ("--events", "handled inbox events", "30d", "3d"),
+        ("--effects", "done effects", "30d", "3d"),
+        ("--journal", "journal entries", "90d", "1d"),
+    ):
+        cmd.add_argument(
+            flag,
+            type=duration,
+            default=duration(default),
+            metavar="DURATION",
+            help=f"keep {what} this long (default {default}, at least {floor})",
+        )
     _common(cmd, app=False)
     cmd.set_defaults(run=purge_command)
 

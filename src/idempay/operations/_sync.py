@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import (
+    Callable,
+    Sequence,
+)
 
 import threading
 from datetime import datetime, timedelta
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 from idempay.core.audit import AuditSource
 from idempay.core.events import parse_event
@@ -44,6 +48,8 @@ from idempay.protocols import IdempotencyStore, MaintenanceStore
 __all__ = ["Reconciler", "purge"]
 
 logger = logging.getLogger(__name__)
+
+R = TypeVar("R", OrderRecord, InboxEvent)
 
 _PARKED: Final = timedelta(days=36500)
 """The next check of an abandoned order: never, in practice."""
@@ -132,32 +138,27 @@ class Reconciler:
 
     def _orders(self, report: ReconcileReport, tick: Progress) -> None:
         cfg = self.config
-        done = 0
-        seen: set[tuple[str, str]] = set()
-        tick("orders", done, None)
-        while done < cfg.max_orders:
-            claimed = self.store.claim_orders_to_check(
+
+        def claim(limit: int) -> Sequence[OrderRecord]:
+            return self.store.claim_orders_to_check(
                 statuses=cfg.statuses,
                 untouched_for=cfg.older_than,
-                limit=min(cfg.batch, cfg.max_orders - done),
+                limit=limit,
                 lease_for=cfg.lease,
             )
-            fresh = [o for o in claimed if (o.tenant, o.order_id) not in seen]
-            for order in claimed:
-                if (order.tenant, order.order_id) in seen:
-                    # Checked in this run already and due again at once (a zero recheck_min):
-                    # it waits for the next run, with the schedule this run gave it.
-                    self._schedule_order(order, self._recheck(order.created_at))
-            for order in fresh:
-                seen.add((order.tenant, order.order_id))
-                check = self.check_order(order)
-                report.checks.append(check)
-                done += 1
-                tick("orders", done, None)
-            if len(claimed) < cfg.batch or not fresh:
-                # A short claim may also mean that another reconciler's claim held some rows
-                # for an instant (SKIP LOCKED): they are checked by it, or at the next run.
-                return
+
+        def check(order: OrderRecord) -> None:
+            report.checks.append(self.check_order(order))
+
+        def wait(order: OrderRecord) -> None:
+            self._schedule_order(order, self._recheck(order.created_at))
+
+        def key(order: OrderRecord) -> tuple[str, str]:
+            return order.tenant, order.order_id
+
+        _sweep(
+            "orders", cfg.max_orders, cfg.batch, tick, claim=claim, key=key, visit=check, wait=wait
+        )
 
     def check_order(self, order: OrderRecord) -> OrderCheck:
         """Check one order against Stripe, apply what it says, and schedule its next check."""
@@ -227,29 +228,36 @@ class Reconciler:
 
     def _events(self, report: ReconcileReport, tick: Progress) -> None:
         cfg = self.config
-        done = 0
-        seen: set[tuple[str, str]] = set()
-        tick("events", done, None)
-        while done < cfg.max_events:
-            claimed = self.store.claim_events_to_check(
+
+        def claim(limit: int) -> Sequence[InboxEvent]:
+            return self.store.claim_events_to_check(
                 statuses=UNRESOLVED_EVENTS,
                 untouched_for=cfg.older_than,
-                limit=min(cfg.batch, cfg.max_events - done),
+                limit=limit,
                 lease_for=cfg.lease,
             )
-            fresh = [e for e in claimed if (e.account, e.event_id) not in seen]
-            for inbox in claimed:
-                if (inbox.account, inbox.event_id) in seen:
-                    self._schedule_event(inbox, self._recheck(inbox.received_at))
-            for inbox in fresh:
-                seen.add((inbox.account, inbox.event_id))
-                outcome = self._resolve(inbox)
-                report.events[outcome] += 1
-                notify_reconciled(f"event_{outcome}", 1)
-                done += 1
-                tick("events", done, None)
-            if len(claimed) < cfg.batch or not fresh:
-                return
+
+        def resolve(inbox: InboxEvent) -> None:
+            outcome = self._resolve(inbox)
+            report.events[outcome] += 1
+            notify_reconciled(f"event_{outcome}", 1)
+
+        def wait(inbox: InboxEvent) -> None:
+            self._schedule_event(inbox, self._recheck(inbox.received_at))
+
+        def key(inbox: InboxEvent) -> tuple[str, str]:
+            return inbox.account, inbox.event_id
+
+        _sweep(
+            "events",
+            cfg.max_events,
+            cfg.batch,
+            tick,
+            claim=claim,
+            key=key,
+            visit=resolve,
+            wait=wait,
+        )
 
     def _resolve(self, inbox: InboxEvent) -> str:
         """Apply a kept event again; if its order is still unknown, ask Stripe which order its
@@ -311,6 +319,42 @@ class Reconciler:
             if outcome != WebhookOutcome.DUPLICATE.value:
                 notify_reconciled(f"backfill_{outcome}", 1)
             tick("backfill", done, len(bodies))
+
+
+def _sweep(
+    stage: str,
+    maximum: int,
+    batch: int,
+    tick: Progress,
+    *,
+    claim: Callable[[int], Sequence[R]],
+    key: Callable[[R], tuple[str, str]],
+    visit: Callable[[R], None],
+    wait: Callable[[R], None],
+) -> None:
+    """Claim rows ``batch`` at a time and ``visit`` each once, up to ``maximum`` in all.
+
+    A row claimed again in the same run (due again at once: a zero ``recheck_min``) is given
+    back to ``wait`` for the next run. The sweep stops on a short claim too: it may also mean
+    that another reconciler's claim held some rows for an instant (SKIP LOCKED), which that
+    reconciler checks, or the next run.
+    """
+    done = 0
+    seen: set[tuple[str, str]] = set()
+    tick(stage, done, None)
+    while done < maximum:
+        claimed = claim(min(batch, maximum - done))
+        fresh = [row for row in claimed if key(row) not in seen]
+        for row in claimed:
+            if key(row) in seen:
+                wait(row)
+        for row in fresh:
+            seen.add(key(row))
+            visit(row)
+            done += 1
+            tick(stage, done, None)
+        if len(claimed) < batch or not fresh:
+            return
 
 
 def purge(

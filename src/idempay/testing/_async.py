@@ -17,7 +17,6 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from multiprocessing.synchronize import Barrier as ProcessBarrier
 from typing import Any, Protocol
 
 import pytest
@@ -58,6 +57,7 @@ from idempay.testing._support import (
     async_concurrently,
     async_in_processes,
     async_shut,
+    claim_checks_in_child,
     claim_in_child,
     dispatch_in_child,
     flatten,
@@ -1135,30 +1135,6 @@ async def _claim_all(store: AsyncOutboxStore) -> dict[str, OutboxEntry]:
 
 def _order_ids(records: Sequence[OrderRecord]) -> list[str]:
     return [record.order_id for record in records]
-
-
-def claim_checks_in_child(
-    barrier: ProcessBarrier,
-    results: Any,
-    _i: int,
-    factory: Callable[[], Any],
-    limit: int,
-) -> None:
-    """Child: claim orders awaiting payment together with the others; report the (tenant,
-    order id) pairs it was handed."""
-    store = factory()
-    try:
-        barrier.wait(timeout=120)
-        claimed = store.claim_orders_to_check(
-            statuses=[WAITING], untouched_for=timedelta(0), limit=limit, lease_for=LEASE
-        )
-        results.put([(o.tenant, o.order_id) for o in claimed])
-    except Exception as exc:  # noqa: BLE001 - the parent reports it
-        results.put(f"error: {type(exc).__name__}: {exc}")
-    finally:
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
 
 
 class AsyncMaintenanceStoreContract(_AsyncFixtures):

@@ -21,12 +21,19 @@ from typing import Any, TypeVar
 
 from idempay.core.orders import OrderState, OrderStatus
 from idempay.core.records import Claimed
-from idempay.protocols import IdempotencyStore, LockProvider, OutboxStore, PaymentStore
+from idempay.protocols import (
+    IdempotencyStore,
+    LockProvider,
+    MaintenanceStore,
+    OutboxStore,
+    PaymentStore,
+)
 
 __all__ = [
     "async_concurrently",
     "async_in_processes",
     "async_shut",
+    "claim_checks_in_child",
     "claim_in_child",
     "concurrently",
     "dispatch_in_child",
@@ -161,6 +168,31 @@ def dispatch_in_child(
         return [(e.tenant, e.order_id) for e in entries]
 
     _report(results, dispatch)
+    shut(store)
+
+
+def claim_checks_in_child(
+    barrier: ProcessBarrier,
+    results: Any,
+    _i: int,
+    factory: Callable[[], MaintenanceStore],
+    limit: int,
+) -> None:
+    """Child: claim orders awaiting payment together with the others; report the (tenant,
+    order id) pairs it was handed."""
+    store = factory()
+
+    def claim() -> list[tuple[str, str]]:
+        barrier.wait(timeout=_TIMEOUT)
+        claimed = store.claim_orders_to_check(
+            statuses=[OrderStatus.AWAITING_PAYMENT],
+            untouched_for=timedelta(0),
+            limit=limit,
+            lease_for=timedelta(minutes=5),
+        )
+        return [(o.tenant, o.order_id) for o in claimed]
+
+    _report(results, claim)
     shut(store)
 
 
