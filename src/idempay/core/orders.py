@@ -69,6 +69,7 @@ __all__ = [
     "new_order",
     "phase_for_event_type",
     "phase_for_intent_status",
+    "resolved_statuses",
     "transition_table_markdown",
 ]
 
@@ -758,11 +759,16 @@ def _apply_local_cancel(state: OrderState) -> Transition:
     return _refused(state, _CANCEL_REFUSAL_REASONS[state.status])
 
 
+def resolved_statuses(*, keep: bool) -> frozenset[OrderStatus]:
+    """Where a :class:`ReviewResolved` decision leads: a payment kept is ``paid`` or
+    ``partially_refunded``; one given back is ``refunded``."""
+    return PAID_STATUSES - {OrderStatus.REFUNDED} if keep else frozenset({OrderStatus.REFUNDED})
+
+
 def _apply_resolution(state: OrderState, *, keep: bool) -> Transition:
     refunded = state.amount_refunded
     if state.status is not OrderStatus.NEEDS_REVIEW:
-        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
-        if state.status in done:
+        if state.status in resolved_statuses(keep=keep):
             return _unchanged(state, "no review open")
         return _refused(state, "no review open")
     if keep and refunded >= state.amount:

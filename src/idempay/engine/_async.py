@@ -38,7 +38,6 @@ from idempay.core.models import (
 )
 from idempay.core.observe import observation_from_event, observation_from_intent
 from idempay.core.orders import (
-    PAID_STATUSES,
     CancelRequested,
     EffectTrigger,
     Observation,
@@ -50,6 +49,7 @@ from idempay.core.orders import (
     apply,
     moved,
     new_order,
+    resolved_statuses,
 )
 from idempay.core.records import (
     Decision,
@@ -577,22 +577,14 @@ class AsyncGuard:
         if self.gateway is None:
             raise ConfigurationError("refreshing an order needs the guard's gateway")
         order = await self._order(tenant, order_id)
-        if order.state.payment_intent_id is not None:
-            intent = await self.gateway.retrieve_payment_intent(order.state.payment_intent_id)
-        else:
-            found = await self._find_intent(order)
-            if found is None:
-                await self._note(
-                    AuditStep.CHECKED,
-                    source,
-                    tenant=tenant,
-                    order_id=order_id,
-                    reason="no payment intent at stripe",
-                )
-                return order
-            intent = found
+        recorded = order.state.payment_intent_id
+        intent = (
+            await self.gateway.retrieve_payment_intent(recorded)
+            if recorded is not None
+            else await self._find_intent(order)
+        )
         updated = order
-        if not _same_failure(order, intent):
+        if intent is not None and not _same_failure(order, intent):
             updated = await self._apply_intent(order, intent, source=source)
         if not moved(order.state, updated.state):
             await self._note(
@@ -600,9 +592,12 @@ class AsyncGuard:
                 source,
                 tenant=tenant,
                 order_id=order_id,
-                reason=f"payment intent {intent.status}",
+                reason="no payment intent at stripe"
+                if intent is None
+                else f"payment intent {intent.status}",
             )
-        await self.apply_orphans(updated)
+        if intent is not None:
+            await self.apply_orphans(updated)
         return updated
 
     async def _apply_intent(
@@ -698,8 +693,7 @@ class AsyncGuard:
         """
         order = await self._order(tenant, order_id)
         updated = await self._observe(order, ReviewResolved(keep=keep), AuditSource.OPERATOR)
-        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
-        if updated.state.status not in done:
+        if updated.state.status not in resolved_statuses(keep=keep):
             raise OrderStateConflictError("the order's review cannot be resolved this way")
         return updated
 

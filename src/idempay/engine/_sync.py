@@ -37,7 +37,6 @@ from idempay.core.models import (
 )
 from idempay.core.observe import observation_from_event, observation_from_intent
 from idempay.core.orders import (
-    PAID_STATUSES,
     CancelRequested,
     EffectTrigger,
     Observation,
@@ -49,6 +48,7 @@ from idempay.core.orders import (
     apply,
     moved,
     new_order,
+    resolved_statuses,
 )
 from idempay.core.records import (
     Decision,
@@ -573,22 +573,14 @@ class Guard:
         if self.gateway is None:
             raise ConfigurationError("refreshing an order needs the guard's gateway")
         order = self._order(tenant, order_id)
-        if order.state.payment_intent_id is not None:
-            intent = self.gateway.retrieve_payment_intent(order.state.payment_intent_id)
-        else:
-            found = self._find_intent(order)
-            if found is None:
-                self._note(
-                    AuditStep.CHECKED,
-                    source,
-                    tenant=tenant,
-                    order_id=order_id,
-                    reason="no payment intent at stripe",
-                )
-                return order
-            intent = found
+        recorded = order.state.payment_intent_id
+        intent = (
+            self.gateway.retrieve_payment_intent(recorded)
+            if recorded is not None
+            else self._find_intent(order)
+        )
         updated = order
-        if not _same_failure(order, intent):
+        if intent is not None and not _same_failure(order, intent):
             updated = self._apply_intent(order, intent, source=source)
         if not moved(order.state, updated.state):
             self._note(
@@ -596,9 +588,12 @@ class Guard:
                 source,
                 tenant=tenant,
                 order_id=order_id,
-                reason=f"payment intent {intent.status}",
+                reason="no payment intent at stripe"
+                if intent is None
+                else f"payment intent {intent.status}",
             )
-        self.apply_orphans(updated)
+        if intent is not None:
+            self.apply_orphans(updated)
         return updated
 
     def _apply_intent(
@@ -694,8 +689,7 @@ class Guard:
         """
         order = self._order(tenant, order_id)
         updated = self._observe(order, ReviewResolved(keep=keep), AuditSource.OPERATOR)
-        done = PAID_STATUSES - {OrderStatus.REFUNDED} if keep else {OrderStatus.REFUNDED}
-        if updated.state.status not in done:
+        if updated.state.status not in resolved_statuses(keep=keep):
             raise OrderStateConflictError("the order's review cannot be resolved this way")
         return updated
 
